@@ -1,0 +1,217 @@
+"""SpaceTimeDiT: a diffusion transformer over video latents with factorized space-time blocks.
+
+Shape legend (see vdm/types.py): B batch, C channels, T frames, H height, W width, L text tokens,
+Dt text width, D model width; after patching t frames, h x w patches, s = h * w tokens per frame.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vdm.models.blocks import SpaceTimeBlock, modulate
+from vdm.models.embeddings import PatchEmbed3d, TimestepEmbedding, sincos_2d
+from vdm.types import TextCond
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    # bool is an int subclass; True as a width is always a mistake
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int ({name}={value!r})")
+
+
+class FinalLayer(nn.Module):
+    """Norm, adaLN shift/scale from the conditioning vector, then project tokens back to patches."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x (B, t, s, D), c (B, D) -> (B, t, s, out_dim)
+        shift, scale = rearrange(self.modulation(c), "b (two d) -> two b 1 1 d", two=2)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class SpaceTimeDiT(nn.Module):
+    """Predicts a (B, C, T, H, W) target from a noisy latent clip, a time t in [0, 1] and a caption.
+
+    An image is a clip with T = 1. With temporal=False the blocks have no temporal branch, and the
+    same weights load by name into a temporal=True model whose new layers start silent.
+    """
+
+    # Distributed strategies wrap this class from outside (FSDP auto-wrap, activation checkpointing).
+    block_class = SpaceTimeBlock
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        text_dim: int,
+        width: int,
+        depth: int,
+        heads: int,
+        patch_size: tuple[int, int, int] | list[int] = (1, 2, 2),
+        mlp_ratio: float = 4.0,
+        temporal: bool = True,
+        qk_norm: bool = True,
+        max_frames: int = 64,
+        max_size: int = 512,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        for name, value in [
+            ("in_channels", in_channels),
+            ("text_dim", text_dim),
+            ("width", width),
+            ("depth", depth),
+            ("heads", heads),
+            ("max_frames", max_frames),
+            ("max_size", max_size),
+        ]:
+            _check_positive_int(name, value)
+        patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size
+        if (
+            not isinstance(patch_size, tuple)
+            or len(patch_size) != 3
+            or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in patch_size)
+        ):
+            raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw) (patch_size={patch_size!r})")
+        if width % heads != 0:
+            raise ValueError(f"width must be divisible by heads (width={width}, heads={heads})")
+        if width % 4 != 0:
+            raise ValueError(
+                f"width must be divisible by 4 for the 2-D sin/cos position encoding (width={width})"
+            )
+        if (
+            not isinstance(mlp_ratio, (int, float))
+            or isinstance(mlp_ratio, bool)
+            or int(width * mlp_ratio) <= 0
+        ):
+            raise ValueError(f"mlp_ratio must be a positive number (mlp_ratio={mlp_ratio!r})")
+
+        self.in_channels = in_channels
+        self.text_dim = text_dim
+        self.width = width
+        self.patch_size = patch_size
+        self.temporal = temporal
+        self.max_frames = max_frames
+        self.max_size = max_size
+        self.grad_checkpointing = grad_checkpointing
+
+        pt, ph, pw = patch_size
+        self.patch_embed = PatchEmbed3d(in_channels, width, patch_size)
+        self.t_embedder = TimestepEmbedding(width)
+        self.pooled_proj = nn.Sequential(nn.Linear(text_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.caption_proj = nn.Sequential(
+            nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width)
+        )
+        # adaLN-single: one modulation vector per sample, shared by all blocks (each adds its own table)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+        if temporal:
+            self.temporal_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.blocks = nn.ModuleList(
+            SpaceTimeBlock(width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm)
+            for _ in range(depth)
+        )
+        self.final = FinalLayer(width, pt * ph * pw * in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Set every parameter. Safe to call again, e.g. after `to_empty()` on a meta-built model."""
+
+        def base_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+
+        self.apply(base_init)
+
+        # Patch embedding is a linear map of the flattened patch (DiT).
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(rearrange(w, "d c pt ph pw -> d (c pt ph pw)"))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # Zero modulation: every gate is 0, so each block starts as the identity, and temporal layers
+        # added to a trained image model start silent (the inflated model equals the image model).
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+        if self.temporal:
+            nn.init.zeros_(self.temporal_modulation[-1].weight)
+            nn.init.zeros_(self.temporal_modulation[-1].bias)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation)
+            if block.enable_temporal:
+                nn.init.zeros_(block.temporal_modulation)
+
+        # Zero output layer: the untrained model predicts 0 (DiT).
+        nn.init.zeros_(self.final.modulation[-1].weight)
+        nn.init.zeros_(self.final.modulation[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.grad_checkpointing = enabled
+
+    def _check_input(self, x: Tensor, t: Tensor, cond: TextCond) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(x.shape)}")
+        B, C, T, H, W = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"x has {C} channels but in_channels={self.in_channels}")
+        if T > self.max_frames:
+            raise ValueError(f"x has T={T} frames, more than max_frames={self.max_frames}")
+        if H > self.max_size or W > self.max_size:
+            raise ValueError(f"x has (H, W)=({H}, {W}), larger than max_size={self.max_size}")
+        pt, ph, pw = self.patch_size
+        if T % pt or H % ph or W % pw:
+            raise ValueError(f"x (T, H, W)=({T}, {H}, {W}) is not divisible by patch_size={self.patch_size}")
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape (B,)=({B},), got {tuple(t.shape)}")
+        if cond.tokens.shape[0] != B or cond.tokens.shape[-1] != self.text_dim:
+            raise ValueError(
+                f"cond.tokens must be (B={B}, L, text_dim={self.text_dim}), got {tuple(cond.tokens.shape)}"
+            )
+
+    def forward(self, x: Tensor, t: Tensor, cond: TextCond) -> Tensor:
+        # x (B, C, T, H, W), t (B,) in [0, 1] -> (B, C, T, H, W) in x's dtype
+        self._check_input(x, t, cond)
+        param_dtype = self.patch_embed.proj.weight.dtype
+        tokens, (nt, nh, nw) = self.patch_embed(x.to(param_dtype))  # (B, t, s, D)
+        # the same spatial positions in every frame, so an image model and its video inflation agree
+        tokens = tokens + sincos_2d(nh, nw, self.width, device=x.device).to(tokens.dtype)
+
+        c = self.t_embedder(t) + self.pooled_proj(cond.pooled.to(param_dtype))  # (B, D)
+        context = self.caption_proj(cond.tokens.to(param_dtype))  # (B, L, D)
+        modulation = rearrange(self.modulation(c), "b (n d) -> b n d", n=9)  # (B, 9, D)
+        temporal_modulation = (
+            rearrange(self.temporal_modulation(c), "b (n d) -> b n d", n=3) if self.temporal else None
+        )  # (B, 3, D)
+
+        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            args = (tokens, context, cond.mask, modulation, temporal_modulation)
+            tokens = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+
+        out = self.final(tokens, c)  # (B, t, s, pt*ph*pw*C)
+        pt, ph, pw = self.patch_size
+        out = rearrange(
+            out,
+            "b t (h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            h=nh,
+            w=nw,
+            pt=pt,
+            ph=ph,
+            pw=pw,
+        )
+        return out.to(x.dtype)
