@@ -38,13 +38,18 @@ DIRECTIONS = {
 
 def path_offsets(velocity: tuple[int, int], bounce_at: int | None, num_frames: int) -> np.ndarray:
     """(T, 2) positions relative to the start: one step of `velocity` per frame, reversed from `bounce_at` on."""
-    steps = np.array([velocity if (bounce_at is None or i < bounce_at) else (-velocity[0], -velocity[1])
-                      for i in range(1, num_frames)]).reshape(-1, 2)
+    steps = np.array(
+        [
+            velocity if (bounce_at is None or i < bounce_at) else (-velocity[0], -velocity[1])
+            for i in range(1, num_frames)
+        ]
+    ).reshape(-1, 2)
     return np.concatenate([np.zeros((1, 2), dtype=int), np.cumsum(steps, axis=0)])
 
 
-def plan_path(rng: np.random.Generator, velocity: tuple[int, int], bounces: bool, num_frames: int,
-              room: int) -> np.ndarray:
+def plan_path(
+    rng: np.random.Generator, velocity: tuple[int, int], bounces: bool, num_frames: int, room: int
+) -> np.ndarray:
     """(T, 2) top-left corners of the digit such that it stays on the canvas (room = canvas - digit size)."""
     bounce_at = int(rng.integers(num_frames // 3, 2 * num_frames // 3)) if bounces else None
     offsets = path_offsets(velocity, bounce_at, num_frames)
@@ -60,7 +65,7 @@ def render_clip(digit: np.ndarray, corners: np.ndarray, canvas: int) -> np.ndarr
     size = digit.shape[0]
     frames = np.zeros((len(corners), canvas, canvas, 3), dtype=np.uint8)
     for frame, (y, x) in zip(frames, corners):
-        frame[y:y + size, x:x + size] = digit[:, :, None]
+        frame[y : y + size, x : x + size] = digit[:, :, None]
     return frames
 
 
@@ -73,15 +78,27 @@ def make_sample(rng: np.random.Generator, image: np.ndarray, label: int, source_
     frames = render_clip(np.asarray(digit), corners, args.canvas)
     caption = f"the digit {label} moves {direction}" + (" and bounces back" if bounces else "")
     meta = {
-        "digit": label, "direction": direction, "bounces": bounces, "fps": args.fps,
-        "frames": args.frames, "width": args.canvas, "height": args.canvas,
-        "duration": args.frames / args.fps, "source": f"sklearn-digits/{source_index}",
+        "digit": label,
+        "direction": direction,
+        "bounces": bounces,
+        "fps": args.fps,
+        "frames": args.frames,
+        "width": args.canvas,
+        "height": args.canvas,
+        "duration": args.frames / args.fps,
+        "source": f"sklearn-digits/{source_index}",
     }
     return {
         "mp4": encode_mp4(frames, args.fps, qp=args.qp),
         "txt": caption.encode(),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
+
+
+def pick(digits, pool: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int, int]:
+    """A random digit scan from `pool`: (image, label, index among sklearn's digits)."""
+    source = int(pool[rng.integers(len(pool))])
+    return digits.images[source], int(digits.target[source]), source
 
 
 def main() -> None:
@@ -102,19 +119,16 @@ def main() -> None:
 
     digits = load_digits()
     order = np.random.default_rng(args.seed).permutation(len(digits.images))
-    pools = {"eval": order[: args.eval_digits], "train": order[args.eval_digits:]}
+    pools = {"eval": order[: args.eval_digits], "train": order[args.eval_digits :]}
     args.out.mkdir(parents=True, exist_ok=True)
     for split_index, (split, num_clips) in enumerate((("train", args.train_clips), ("eval", args.eval_clips))):
         rng = np.random.default_rng([args.seed, split_index])
         pool = pools[split]
         for shard_index, first in enumerate(range(0, num_clips, args.clips_per_shard)):
-            def samples(first=first):
-                for clip in range(first, min(first + args.clips_per_shard, num_clips)):
-                    source = int(pool[rng.integers(len(pool))])
-                    sample = make_sample(rng, digits.images[source], int(digits.target[source]), source, args)
-                    yield f"{split}{clip:06d}", sample
+            keys = [f"{split}{clip:06d}" for clip in range(first, min(first + args.clips_per_shard, num_clips))]
+            samples = ((key, make_sample(rng, *pick(digits, pool, rng), args)) for key in keys)
             path = args.out / f"{split}-{shard_index:06d}.tar.gz"
-            count = write_shard(path, samples())
+            count = write_shard(path, samples)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
             print(f"{path}  {count} clips  {path.stat().st_size / 1e6:.2f} MB  sha256 {digest}")
 

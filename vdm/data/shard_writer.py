@@ -19,8 +19,11 @@ def write_shard(path: Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) 
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     count = 0
-    with open(partial, "wb") as raw, _maybe_gzip(raw, path.suffix == ".gz") as stream, \
-            tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        open(partial, "wb") as raw,
+        _maybe_gzip(raw, path.suffix == ".gz") as stream,
+        tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for key, members in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
