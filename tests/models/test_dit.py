@@ -242,9 +242,7 @@ def test_initialize_weights_sets_every_parameter():
 
 def test_xl_preset_parameter_count():
     with torch.device("meta"):
-        model = SpaceTimeDiT(
-            in_channels=4, text_dim=1024, width=1152, depth=28, heads=16, patch_size=(1, 2, 2)
-        )
+        model = SpaceTimeDiT(in_channels=4, text_dim=1024, width=1152, depth=28, heads=16, patch_size=(1, 2, 2))
     n = sum(p.numel() for p in model.parameters())
     assert 650e6 < n < 800e6
 

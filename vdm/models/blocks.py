@@ -32,9 +32,7 @@ class SpaceTimeBlock(nn.Module):
     branch keeps its silent init.
     """
 
-    def __init__(
-        self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: bool = True, qk_norm: bool = True
-    ):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: bool = True, qk_norm: bool = True):
         super().__init__()
         self.enable_temporal = temporal
         # No affine parameters: the modulation plays that role.

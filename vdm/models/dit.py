@@ -84,14 +84,8 @@ class SpaceTimeDiT(nn.Module):
         if width % heads != 0:
             raise ValueError(f"width must be divisible by heads (width={width}, heads={heads})")
         if width % 4 != 0:
-            raise ValueError(
-                f"width must be divisible by 4 for the 2-D sin/cos position encoding (width={width})"
-            )
-        if (
-            not isinstance(mlp_ratio, (int, float))
-            or isinstance(mlp_ratio, bool)
-            or int(width * mlp_ratio) <= 0
-        ):
+            raise ValueError(f"width must be divisible by 4 for the 2-D sin/cos position encoding (width={width})")
+        if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or int(width * mlp_ratio) <= 0:
             raise ValueError(f"mlp_ratio must be a positive number (mlp_ratio={mlp_ratio!r})")
 
         self.in_channels = in_channels
@@ -115,8 +109,7 @@ class SpaceTimeDiT(nn.Module):
         if temporal:
             self.temporal_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
         self.blocks = nn.ModuleList(
-            SpaceTimeBlock(width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm)
-            for _ in range(depth)
+            SpaceTimeBlock(width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm) for _ in range(depth)
         )
         self.final = FinalLayer(width, pt * ph * pw * in_channels)
         self.initialize_weights()

@@ -51,9 +51,7 @@ class PatchEmbed3d(nn.Module):
         T, H, W = x.shape[-3:]
         pt, ph, pw = self.patch_size
         if T % pt or H % ph or W % pw:
-            raise ValueError(
-                f"input (T, H, W)=({T}, {H}, {W}) is not divisible by patch_size={self.patch_size}"
-            )
+            raise ValueError(f"input (T, H, W)=({T}, {H}, {W}) is not divisible by patch_size={self.patch_size}")
         tokens = self.proj(x)  # (B, D, t, h, w)
         t, h, w = tokens.shape[-3:]
         return rearrange(tokens, "b d t h w -> b t (h w) d"), (t, h, w)

@@ -1,0 +1,128 @@
+"""Train a text-to-video diffusion model: `python train.py [group=option] [key=value ...]`.
+
+Compose the Hydra config, check it, build every part from it, then fit. Nothing trains until the
+whole config has been checked and built; a bad key or value stops here with its full name.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
+from vdm.config_check import ConfigError, check_config
+from vdm.training.callbacks import Checkpointing, HeldOutLoss, MetricsLog, SampleVideos, TrainMetrics
+from vdm.training.datamodule import VideoDataModule
+from vdm.training.module import VideoDiffusion
+from vdm.training.run_dir import CHECKPOINT, RunDir
+from vdm.training.seeding import derive_seed
+
+log = logging.getLogger("vdm")
+SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "logger", "sampling")
+
+
+def build(cfg: DictConfig, section: str, **supplied):
+    """Instantiate one config section; any error is re-raised as a ConfigError naming the section."""
+    try:
+        return hydra.utils.instantiate(cfg[section], **supplied, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"{section}: {cause}") from cause
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise ConfigError(f"{section}: {error}") from error
+
+
+def check_compatible(cfg: DictConfig, net, autoencoder, data) -> None:
+    """Combinations that each section's own checks cannot see."""
+    pt, ph, pw = net.patch_size
+    frames, size = data.num_frames // autoencoder.temporal_factor, data.size // autoencoder.spatial_factor
+    if data.num_frames % autoencoder.temporal_factor or frames % pt:
+        raise ConfigError(f"data.num_frames: {data.num_frames} frames do not divide into model.patch_size[0]={pt}")
+    if data.size % autoencoder.spatial_factor or size % ph or size % pw:
+        raise ConfigError(f"data.size: {data.size} does not divide into model.patch_size {list(net.patch_size)}")
+    if frames > net.max_frames or size > net.max_size:
+        raise ConfigError(f"data: clips of {data.num_frames}x{data.size}x{data.size} exceed model.max_frames/max_size")
+
+
+def main(cfg: DictConfig) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("seed",):
+        if not isinstance(config[key], int):
+            raise ConfigError(f"{key}: expected int, got {config[key]!r}")
+    check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
+
+    torch.manual_seed(cfg.seed)  # model init is a function of the seed
+    text_encoder = build(cfg, "text")
+    autoencoder = build(cfg, "autoencoder")
+    net = build(cfg, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
+    objective = build(cfg, "diffusion")
+    data = build(cfg, "data")
+    optim = build(cfg, "optim")
+    settings = build(cfg, "trainer")
+    logger_settings = build(cfg, "logger")
+    sampling = build(cfg, "sampling")
+    check_compatible(cfg, net, autoencoder, data)
+
+    run_dir = RunDir(Path(cfg.run_root) / cfg.name).create()
+    try:
+        resume_from = run_dir.checkpoint_to_resume(cfg.resume)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"resume: {error}") from error
+    for partial in run_dir.remove_partial_checkpoints():
+        log.warning("removed %s, a checkpoint whose save did not finish", partial)
+    OmegaConf.save(OmegaConf.create(config), run_dir.config)
+
+    module = VideoDiffusion(
+        net, objective, text_encoder, autoencoder, optim, seed=cfg.seed, caption_dropout=settings.caption_dropout
+    )
+    metrics_log = MetricsLog(run_dir.metrics)
+    start_step = 0
+    if resume_from is not None and (match := CHECKPOINT.match(resume_from.name)):
+        start_step = int(match.group(1))
+        metrics_log.truncate_after(start_step)
+    held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
+    callbacks = [
+        TrainMetrics(metrics_log, settings.log_every_n_steps),
+        *([held_out] if held_out else []),
+        SampleVideos(
+            run_dir, sampling, num_frames=data.num_frames, size=data.size, every_n_steps=settings.sample_every_n_steps
+        ),
+        Checkpointing(run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints),
+        metrics_log,  # last: flushes what the others logged at this step
+    ]
+    logger = logger_settings.build(run_dir.path, cfg.name, config)
+    trainer = settings.build(callbacks, logger)
+    log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
+    log.info("model: %.2fM parameters", sum(p.numel() for p in net.parameters()) / 1e6)
+    # a resumed run reads a fresh stream rather than replaying the first samples of the original
+    datamodule = VideoDataModule(data, seed=derive_seed(cfg.seed, start_step))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+
+    summary = {"run_dir": str(run_dir.path), "steps": trainer.global_step, "skipped": data.skips.counts()}
+    if held_out and held_out.history:
+        (first_step, first), (last_step, last) = held_out.history[0], held_out.history[-1]
+        summary |= {"held_out_first": (first_step, first), "held_out_last": (last_step, last)}
+        log.info("held-out loss: %.4f at step %d -> %.4f at step %d", first, first_step, last, last_step)
+    log.info("skipped samples: %s", data.skips.counts())
+    if logger is not None and hasattr(logger, "experiment"):
+        logger.experiment.finish()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def cli(cfg: DictConfig) -> None:
+    try:
+        main(cfg)
+    except ConfigError as error:
+        log.error("config error: %s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

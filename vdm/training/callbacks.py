@@ -1,0 +1,280 @@
+"""Callbacks: checkpoints, the metrics file, held-out loss, sample videos."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from vdm.data import VideoData
+from vdm.data.video import encode_gif, encode_mp4
+from vdm.generate import SamplingSettings, generate, grid, to_uint8_frames
+from vdm.training.run_dir import RunDir
+from vdm.training.seeding import generator_for
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointing(L.Callback):
+    """Save every `every_n_steps` and at the end, atomically; keep the newest `keep_last`.
+
+    Each checkpoint is written to `<name>.partial` and renamed to its final name only once every rank
+    has finished writing, so a crash mid-save never leaves a checkpoint that looks complete.
+    """
+
+    def __init__(self, run_dir: RunDir, every_n_steps: int, keep_last: int = 2):
+        self.run_dir, self.every_n_steps, self.keep_last = run_dir, every_n_steps, keep_last
+        self.last_saved_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        step = trainer.global_step
+        if step == self.last_saved_step:
+            return
+        final = self.run_dir.checkpoint_path(step)
+        partial = final.with_name(final.name + ".partial")
+        trainer.save_checkpoint(partial, weights_only=False)  # collective: every rank takes part
+        trainer.strategy.barrier("checkpoint-written")
+        if trainer.is_global_zero:
+            os.replace(partial, final)
+            for _, old in self.run_dir.complete_checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        trainer.strategy.barrier("checkpoint-renamed")
+        self.last_saved_step = step
+
+
+class MetricsLog(L.Callback):
+    """metrics.csv, one row per logged step, and the same numbers to the experiment loggers.
+
+    Values logged at the same step (training metrics, held-out loss) are merged into one row, written
+    when the next step is logged, at each checkpoint and at the end.
+    """
+
+    COLUMNS = ("step", "train/loss", "val/loss", "lr", "grad_norm", "clips_per_sec", "data_wait")
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.pending_step: int | None = None
+        self.pending: dict[str, float] = {}
+        self.callbacks_done_at: float | None = None  # when the last step's callbacks finished (it runs last)
+
+    def write(self, trainer: L.Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not trainer.is_global_zero:
+            return
+        if step != self.pending_step:
+            self.flush()
+            self.pending_step = step
+        self.pending |= metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def flush(self) -> None:
+        if self.pending_step is None:
+            return
+        new_file = not self.path.exists()
+        with open(self.path, "a", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.COLUMNS, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow({"step": self.pending_step} | {k: f"{v:.6g}" for k, v in self.pending.items()})
+        self.pending_step, self.pending = None, {}
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step`: a run resumed from that step logs them again."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        with open(self.path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(row for row in rows if int(row["step"]) <= step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.callbacks_done_at = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.callbacks_done_at = time.perf_counter()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.is_global_zero:
+            self.flush()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.flush()
+
+
+class TrainMetrics(L.Callback):
+    """Loss, learning rate, gradient norm, clips per second and the share of step time spent waiting for data.
+
+    A step's time is its compute (batch start to batch end) plus the wait for its batch (from the end
+    of the previous step's callbacks to this batch's start). Held-out evaluation, sampling and
+    checkpoints run inside callbacks, so they count in neither.
+    """
+
+    def __init__(self, metrics_log: MetricsLog, every_n_steps: int):
+        self.metrics_log, self.every_n_steps = metrics_log, every_n_steps
+        self.clips, self.compute_seconds, self.wait_seconds = 0, 0.0, 0.0
+        self.batch_start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_start = time.perf_counter()
+        if self.metrics_log.callbacks_done_at is not None:
+            self.wait_seconds += self.batch_start - self.metrics_log.callbacks_done_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.compute_seconds += time.perf_counter() - self.batch_start
+        self.clips += len(batch) * trainer.world_size
+        step = trainer.global_step
+        if step % self.every_n_steps != 0:
+            return
+        # every rank takes part in the reduction; only rank 0 writes
+        values = {
+            k: trainer.strategy.reduce(v.float(), reduce_op="mean").item() for k, v in pl_module.step_metrics.items()
+        }
+        elapsed = self.compute_seconds + self.wait_seconds
+        values["clips_per_sec"] = self.clips / elapsed
+        values["data_wait"] = self.wait_seconds / elapsed
+        self.metrics_log.write(trainer, step, values)
+        self.clips, self.compute_seconds, self.wait_seconds = 0, 0.0, 0.0
+
+
+class HeldOutLoss(L.Callback):
+    """The objective on a fixed set of held-out clips, at fixed timesteps and noise.
+
+    Fixed t (a stratified grid over (0, 1)) and fixed noise remove the sampling noise of the
+    training loss, so values at different steps compare directly. Computed at the start, every
+    `every_n_steps` and at the end.
+    """
+
+    def __init__(self, data: VideoData, metrics_log: MetricsLog, every_n_steps: int, seed: int = 1234):
+        self.data, self.metrics_log, self.every_n_steps, self.seed = data, metrics_log, every_n_steps, seed
+        self.batches: list | None = None
+        self.last_step = -1
+        self.history: list[tuple[int, float]] = []  # (step, held-out loss)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def held_out_batches(self) -> list:
+        if self.batches is None:
+            self.batches, clips = [], 0
+            for batch in self.data.eval_loader():
+                self.batches.append(batch)
+                clips += len(batch)
+                if clips >= self.data.eval_clips:
+                    break
+        return self.batches
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module) -> float:
+        if trainer.global_step == self.last_step:
+            return float("nan")
+        self.last_step = trainer.global_step
+        was_training = pl_module.net.training
+        pl_module.net.eval()
+        total, count = 0.0, 0
+        batches = self.held_out_batches()
+        num_clips = sum(len(b) for b in batches)
+        for index, batch in enumerate(batches):
+            batch = batch.to(pl_module.device)
+            x0 = pl_module.autoencoder.encode(batch.video)
+            generator = generator_for(pl_module.device, self.seed, index)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            t = (torch.arange(count, count + len(batch), device=x0.device) + 0.5) / num_clips
+            with trainer.precision_plugin.forward_context():
+                losses = pl_module.objective.loss_at(pl_module.net, x0, pl_module.encode_text(batch.captions), t, noise)
+            total += losses.float().sum().item()
+            count += len(batch)
+        pl_module.net.train(was_training)
+        value = total / count
+        self.history.append((trainer.global_step, value))
+        self.metrics_log.write(trainer, trainer.global_step, {"val/loss": value})
+        log.info("step %d: held-out loss %.5f over %d clips", trainer.global_step, value, count)
+        return value
+
+
+class SampleVideos(L.Callback):
+    """Videos for fixed prompts and seeds: samples/step-<N>.mp4, .gif and .txt (the prompts), and W&B."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        settings: SamplingSettings,
+        *,
+        num_frames: int,
+        size: int,
+        every_n_steps: int = 0,
+        columns: int = 4,
+        upscale: int = 4,
+    ):
+        self.run_dir, self.settings = run_dir, settings
+        self.num_frames, self.size = num_frames, size
+        self.every_n_steps, self.columns, self.upscale = every_n_steps, columns, upscale
+        self.last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.sample(trainer, pl_module)
+
+    @torch.no_grad()
+    def sample(self, trainer: L.Trainer, pl_module) -> Path | None:
+        settings = self.settings
+        if not trainer.is_global_zero or not settings.prompts or trainer.global_step == self.last_step:
+            return None
+        self.last_step = trainer.global_step
+        was_training = pl_module.net.training
+        pl_module.net.eval()
+        with trainer.precision_plugin.forward_context():
+            video = generate(
+                pl_module.net,
+                pl_module.text_encoder,
+                pl_module.autoencoder,
+                settings.prompts,
+                num_frames=self.num_frames,
+                size=self.size,
+                steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                seed=settings.seed,
+                shift=settings.shift,
+            )
+        pl_module.net.train(was_training)
+        frames = grid(to_uint8_frames(video), self.columns, self.upscale)
+        stem = self.run_dir.samples / f"step-{trainer.global_step:09d}"
+        fps = max(1, round(settings.fps))
+        stem.with_suffix(".mp4").write_bytes(encode_mp4(frames, fps))
+        stem.with_suffix(".gif").write_bytes(encode_gif(frames, fps))
+        stem.with_suffix(".txt").write_text("\n".join(settings.prompts) + "\n")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_video"):  # WandbLogger
+                logger.log_video(
+                    "samples",
+                    [str(stem.with_suffix(".mp4"))],
+                    step=trainer.global_step,
+                    caption=[" | ".join(settings.prompts)],
+                )
+        log.info("step %d: samples written to %s.{mp4,gif,txt}", trainer.global_step, stem)
+        return stem

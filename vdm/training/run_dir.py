@@ -1,0 +1,74 @@
+"""A run's directory: runs/<name>/ with config.yaml, checkpoints/, metrics.csv, samples/, wandb/."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT = re.compile(r"^step-(\d{9})\.ckpt$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    def create(self) -> RunDir:
+        for folder in (self.path, self.checkpoints, self.samples):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:09d}.ckpt"
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first.
+
+        A checkpoint is written under a temporary name and renamed when whole, so a name that
+        matches `step-NNNNNNNNN.ckpt` is complete; anything else in the folder is not.
+        """
+        if not self.checkpoints.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := CHECKPOINT.match(p.name))]
+        return sorted(found)
+
+    def remove_partial_checkpoints(self) -> list[Path]:
+        """Delete what a save killed mid-write left behind; returns what was removed."""
+        removed = []
+        for path in self.checkpoints.glob("*.partial"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            removed.append(path)
+        return removed
+
+    def checkpoint_to_resume(self, resume: str) -> Path | None:
+        """Which checkpoint a run starts from: 'auto' (latest complete, if any), 'never', or a path."""
+        if resume == "never":
+            if self.complete_checkpoints():
+                raise ValueError(
+                    f"resume=never, but {self.checkpoints} holds checkpoints: choose another name= or resume=auto"
+                )
+            return None
+        if resume == "auto":
+            checkpoints = self.complete_checkpoints()
+            return checkpoints[-1][1] if checkpoints else None
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint")
+        return path

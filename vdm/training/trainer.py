@@ -1,0 +1,66 @@
+"""Trainer settings (typed, checked) and the Lightning Trainer built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+
+@dataclass
+class TrainerSettings:
+    max_steps: int = 1000
+    accelerator: str = "auto"  # auto, cpu, gpu
+    devices: int | str = "auto"  # processes per node
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    gradient_clip: float = 1.0  # max gradient norm; 0 turns clipping off (the norm is still logged)
+    caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional model for CFG)
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int = 200  # held-out loss; 0: only at start and end
+    checkpoint_every_n_steps: int = 500
+    keep_last_checkpoints: int = 2
+    sample_every_n_steps: int = 0  # 0: sample videos at the end only
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
+        for name in ("log_every_n_steps", "keep_last_checkpoints", "num_nodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("eval_every_n_steps", "checkpoint_every_n_steps", "sample_every_n_steps", "gradient_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        precisions = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+        if self.precision not in precisions:
+            raise ValueError(f"precision must be one of {', '.join(precisions)} (got {self.precision!r})")
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+        return "bf16-mixed" if on_gpu else "32-true"
+
+    def build(self, callbacks: list[L.Callback], logger) -> L.Trainer:
+        return L.Trainer(
+            max_steps=self.max_steps,
+            accelerator=self.accelerator,
+            devices=self.devices,
+            num_nodes=self.num_nodes,
+            strategy=self.strategy,
+            precision=self.resolved_precision(),
+            gradient_clip_val=self.gradient_clip or None,
+            callbacks=callbacks,
+            logger=logger if logger is not None else False,
+            enable_checkpointing=False,  # vdm.training.callbacks.Checkpointing saves atomically instead
+            enable_progress_bar=self.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            log_every_n_steps=self.log_every_n_steps,
+            use_distributed_sampler=False,  # the WebDataset pipeline splits by rank itself
+            default_root_dir=None,
+        )
