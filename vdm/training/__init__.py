@@ -1,0 +1,1 @@
+"""Everything Lightning: the LightningModule, data module, callbacks, checkpoints and run directory."""
