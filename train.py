@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -38,7 +40,7 @@ def build(cfg: DictConfig, section: str, **supplied):
         raise ConfigError(f"{section}: {error}") from error
 
 
-def check_compatible(cfg: DictConfig, net, autoencoder, data) -> None:
+def check_compatible(net, autoencoder, data) -> None:
     """Combinations that each section's own checks cannot see."""
     pt, ph, pw = net.patch_size
     frames, size = data.num_frames // autoencoder.temporal_factor, data.size // autoencoder.spatial_factor
@@ -50,25 +52,43 @@ def check_compatible(cfg: DictConfig, net, autoencoder, data) -> None:
         raise ConfigError(f"data: clips of {data.num_frames}x{data.size}x{data.size} exceed model.max_frames/max_size")
 
 
-def main(cfg: DictConfig) -> dict:
+@dataclass
+class Parts:
+    """Everything a run is built from, checked and constructed, before any training starts."""
+
+    config: dict  # the resolved config as plain values
+    text_encoder: Any
+    autoencoder: Any
+    net: Any
+    objective: Any
+    data: Any
+    optim: Any
+    trainer: Any
+    logger: Any
+    sampling: Any
+
+
+def assemble(cfg: DictConfig) -> Parts:
+    """Check the config and build every part from it; a ConfigError names the first bad key."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("seed",):
-        if not isinstance(config[key], int):
-            raise ConfigError(f"{key}: expected int, got {config[key]!r}")
+    if not isinstance(config["seed"], int) or isinstance(config["seed"], bool):
+        raise ConfigError(f"seed: expected int, got {config['seed']!r}")
+    if config["resume"] not in ("auto", "never") and not Path(str(config["resume"])).exists():
+        raise ConfigError(f"resume: expected auto, never or an existing checkpoint path, got {config['resume']!r}")
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
 
     torch.manual_seed(cfg.seed)  # model init is a function of the seed
     text_encoder = build(cfg, "text")
     autoencoder = build(cfg, "autoencoder")
     net = build(cfg, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
-    objective = build(cfg, "diffusion")
-    data = build(cfg, "data")
-    optim = build(cfg, "optim")
-    settings = build(cfg, "trainer")
-    logger_settings = build(cfg, "logger")
-    sampling = build(cfg, "sampling")
-    check_compatible(cfg, net, autoencoder, data)
+    parts = Parts(config, text_encoder, autoencoder, net, *(build(cfg, section) for section in SECTIONS[3:]))
+    check_compatible(net, autoencoder, parts.data)
+    return parts
 
+
+def main(cfg: DictConfig) -> dict:
+    parts = assemble(cfg)
+    data, settings = parts.data, parts.trainer
     run_dir = RunDir(Path(cfg.run_root) / cfg.name).create()
     try:
         resume_from = run_dir.checkpoint_to_resume(cfg.resume)
@@ -76,10 +96,16 @@ def main(cfg: DictConfig) -> dict:
         raise ConfigError(f"resume: {error}") from error
     for partial in run_dir.remove_partial_checkpoints():
         log.warning("removed %s, a checkpoint whose save did not finish", partial)
-    OmegaConf.save(OmegaConf.create(config), run_dir.config)
+    OmegaConf.save(OmegaConf.create(parts.config), run_dir.config)
 
     module = VideoDiffusion(
-        net, objective, text_encoder, autoencoder, optim, seed=cfg.seed, caption_dropout=settings.caption_dropout
+        parts.net,
+        parts.objective,
+        parts.text_encoder,
+        parts.autoencoder,
+        parts.optim,
+        seed=cfg.seed,
+        caption_dropout=settings.caption_dropout,
     )
     metrics_log = MetricsLog(run_dir.metrics)
     start_step = 0
@@ -91,15 +117,19 @@ def main(cfg: DictConfig) -> dict:
         TrainMetrics(metrics_log, settings.log_every_n_steps),
         *([held_out] if held_out else []),
         SampleVideos(
-            run_dir, sampling, num_frames=data.num_frames, size=data.size, every_n_steps=settings.sample_every_n_steps
+            run_dir,
+            parts.sampling,
+            num_frames=data.num_frames,
+            size=data.size,
+            every_n_steps=settings.sample_every_n_steps,
         ),
         Checkpointing(run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints),
         metrics_log,  # last: flushes what the others logged at this step
     ]
-    logger = logger_settings.build(run_dir.path, cfg.name, config)
+    logger = parts.logger.build(run_dir.path, cfg.name, parts.config)
     trainer = settings.build(callbacks, logger)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
-    log.info("model: %.2fM parameters", sum(p.numel() for p in net.parameters()) / 1e6)
+    log.info("model: %.2fM parameters", sum(p.numel() for p in parts.net.parameters()) / 1e6)
     # a resumed run reads a fresh stream rather than replaying the first samples of the original
     datamodule = VideoDataModule(data, seed=derive_seed(cfg.seed, start_step))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
@@ -120,7 +150,7 @@ def cli(cfg: DictConfig) -> None:
     try:
         main(cfg)
     except ConfigError as error:
-        log.error("config error: %s", error)
+        print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

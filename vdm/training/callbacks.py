@@ -156,7 +156,7 @@ class HeldOutLoss(L.Callback):
     """The objective on a fixed set of held-out clips, at fixed timesteps and noise.
 
     Fixed t (a stratified grid over (0, 1)) and fixed noise remove the sampling noise of the
-    training loss, so values at different steps compare directly. Computed at the start, every
+    training loss, so values at different steps compare directly. Computed at step 0, every
     `every_n_steps` and at the end.
     """
 
@@ -167,7 +167,8 @@ class HeldOutLoss(L.Callback):
         self.history: list[tuple[int, float]] = []  # (step, held-out loss)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run logged its starting point before it stopped
+            self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

@@ -62,6 +62,7 @@ class Wandb:
             if mode == "offline":
                 raise
             log.warning("W&B online init failed (%s); logging offline in %s", error, run_dir / "wandb")
+            wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
             run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **common)
         return WandbLogger(experiment=run, save_dir=str(run_dir))
 

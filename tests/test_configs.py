@@ -1,0 +1,93 @@
+"""Every config option composes, checks and builds; a bad key or value is named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import train
+from vdm.config_check import ConfigError, check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_every_group_has_options():
+    assert {"model", "diffusion", "text", "autoencoder", "data", "optim", "trainer", "logger", "sampling"} <= set(
+        GROUPS
+    )
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_checks_and_builds(group, option):
+    cfg = compose_config(f"{group}={option}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    check_config({k: config[k] for k in train.SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
+    if group == "model":
+        # large presets are built on the meta device: shapes and checks, no memory
+        with torch.device("meta"):
+            net = train.build(cfg, "model", in_channels=3, text_dim=64)
+        assert isinstance(net, torch.nn.Module)
+    else:
+        assert train.build(cfg, group) is not None
+
+
+def test_default_config_assembles_into_compatible_parts():
+    parts = train.assemble(compose_config())
+    assert parts.net.in_channels == parts.autoencoder.latent_channels
+    assert parts.net.text_dim == parts.text_encoder.dim
+    assert parts.data.num_frames == 8 and parts.data.size == 32
+
+
+def test_xl_preset_is_about_700m_parameters():
+    with torch.device("meta"):
+        net = train.build(compose_config("model=dit_xl"), "model", in_channels=4, text_dim=1024)
+    assert 650e6 < sum(p.numel() for p in net.parameters()) < 800e6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["+model.widht=64"], "model.widht"),  # a typo'd key in a config file
+        (["model.width=abc"], "model.width"),  # wrong type
+        (["data.num_frames=0"], "num_frames"),  # a value its constructor refuses
+        (["optim.lr=-1"], "lr"),
+        (["trainer.precision=fp8"], "precision"),
+        (["model.heads=3"], "heads"),  # 128 is not divisible by 3
+        (["data.size=30"], "data.size"),  # not divisible by the patch
+        (["data.train_shards='/nonexistent/x-{0..3}.tar'"], "data"),
+        (["seed=abc"], "seed"),
+        (["resume=/nonexistent.ckpt"], "resume"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        train.assemble(compose_config(*overrides))
+
+
+def test_unknown_command_line_key_is_refused_by_name():
+    with pytest.raises(Exception, match="num_frame"):
+        compose_config("data.num_frame=8")
+
+
+def test_config_check_types():
+    node = {"_target_": "vdm.training.optim.AdamW", "lr": 1e-3, "betas": [0.9, 0.99], "warmup_steps": 10}
+    check_config({"optim": node})
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps: expected int"):
+        check_config({"optim": node | {"warmup_steps": 1.5}})
+    with pytest.raises(ConfigError, match=r"optim\.betas"):
+        check_config({"optim": node | {"betas": [0.9]}})
+    with pytest.raises(ConfigError, match=r"optim\._target_: cannot import"):
+        check_config({"optim": {"_target_": "vdm.training.optim.Nope"}})
+    with pytest.raises(ConfigError, match=r"data\.train_shards: required"):
+        check_config({"data": {"_target_": "vdm.data.VideoData"}})

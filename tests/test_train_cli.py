@@ -1,0 +1,100 @@
+"""`python train.py ...` end to end, through the command line, on the bundled data."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "logger.mode=offline",
+    "data.batch_size=4",
+    "data.eval_clips=8",
+    "data.shuffle_buffer=16",
+    "trainer.log_every_n_steps=2",
+    "trainer.eval_every_n_steps=3",
+    "trainer.checkpoint_every_n_steps=3",
+    "trainer.progress_bar=false",
+    "sampling.steps=2",
+    "sampling.prompts=[the digit 1 moves up,the digit 7 moves left]",
+]
+
+
+def train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def metric_rows(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_train_writes_the_run_directory_then_resumes_it(tmp_path):
+    run = tmp_path / "e2e"
+    first = train(f"run_root={tmp_path}", "name=e2e", "trainer.max_steps=6", *TINY)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["name"] == "e2e" and config["trainer"]["max_steps"] == 6  # resolved, overrides applied
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000000003.ckpt", "step-000000006.ckpt"]
+
+    rows = metric_rows(run)
+    assert {"step", "train/loss", "val/loss", "lr", "grad_norm", "clips_per_sec"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == [0, 2, 3, 4, 6]
+    trained = [r for r in rows if r["train/loss"]]
+    assert all(math.isfinite(float(r["train/loss"])) and float(r["clips_per_sec"]) > 0 for r in trained)
+    assert all(float(r["grad_norm"]) > 0 for r in trained)
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [0, 3, 6]
+
+    samples = run / "samples"
+    assert (samples / "step-000000006.txt").read_text().splitlines() == [
+        "the digit 1 moves up",
+        "the digit 7 moves left",
+    ]
+    assert (samples / "step-000000006.mp4").stat().st_size > 0 and (samples / "step-000000006.gif").stat().st_size > 0
+
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("run-*.wandb"))
+
+    # the same command with a later max_steps continues the run from its latest checkpoint
+    second = train(f"run_root={tmp_path}", "name=e2e", "trainer.max_steps=9", *TINY)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "resuming from" in output and "step-000000006.ckpt" in output
+    steps = [int(r["step"]) for r in metric_rows(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 9  # one row per step, none repeated
+    assert (run / "checkpoints" / "step-000000009.ckpt").exists()
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # same W&B run id, resumed
+    assert len({p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}) == 1
+
+
+def test_typo_on_the_command_line_stops_before_training_naming_the_key(tmp_path):
+    result = train(f"run_root={tmp_path}", "name=typo", "data.num_frame=8")
+    assert result.returncode != 0
+    assert "num_frame" in result.stderr
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+
+
+def test_bad_value_stops_before_training_naming_the_key(tmp_path):
+    result = train(f"run_root={tmp_path}", "name=bad", "model.width=abc")
+    assert result.returncode == 2
+    assert "config error: model.width: expected int" in result.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_cfg_job_prints_the_resolved_config():
+    result = train("--cfg", "job", "model=dit_b", "data.num_frames=16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["width"] == 768 and printed["data"]["num_frames"] == 16
