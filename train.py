@@ -19,11 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from vdm.config_check import ConfigError, check_config
-from vdm.training.callbacks import Checkpointing, HeldOutLoss, MetricsLog, SampleVideos, TrainMetrics
+from vdm.training.callbacks import (
+    Checkpointing,
+    HeldOutLoss,
+    MetricsLog,
+    SampleVideos,
+    StreamPosition,
+    TrainMetrics,
+)
 from vdm.training.datamodule import VideoDataModule
 from vdm.training.module import VideoDiffusion
 from vdm.training.run_dir import CHECKPOINT, RunDir
-from vdm.training.seeding import derive_seed
 
 log = logging.getLogger("vdm")
 SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "logger", "sampling")
@@ -114,6 +120,7 @@ def main(cfg: DictConfig) -> dict:
         metrics_log.truncate_after(start_step)
     held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
     callbacks = [
+        StreamPosition(),
         TrainMetrics(metrics_log, settings.log_every_n_steps),
         *([held_out] if held_out else []),
         SampleVideos(
@@ -130,8 +137,8 @@ def main(cfg: DictConfig) -> dict:
     trainer = settings.build(callbacks, logger)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
     log.info("model: %.2fM parameters", sum(p.numel() for p in parts.net.parameters()) / 1e6)
-    # a resumed run reads a fresh stream rather than replaying the first samples of the original
-    datamodule = VideoDataModule(data, seed=derive_seed(cfg.seed, start_step))
+    # a resumed run continues the data stream where its checkpoint stood (the position is in it)
+    datamodule = VideoDataModule(data, seed=cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
     summary = {"run_dir": str(run_dir.path), "steps": trainer.global_step, "skipped": data.skips.counts()}

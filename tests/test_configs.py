@@ -89,5 +89,8 @@ def test_config_check_types():
         check_config({"optim": node | {"betas": [0.9]}})
     with pytest.raises(ConfigError, match=r"optim\._target_: cannot import"):
         check_config({"optim": {"_target_": "vdm.training.optim.Nope"}})
-    with pytest.raises(ConfigError, match=r"data\.train_shards: required"):
-        check_config({"data": {"_target_": "vdm.data.VideoData"}})
+    with pytest.raises(ConfigError, match=r"model\.width: required"):
+        check_config(
+            {"model": {"_target_": "vdm.models.SpaceTimeDiT", "depth": 1, "heads": 1}},
+            supplied={"model": {"in_channels", "text_dim"}},
+        )

@@ -98,3 +98,39 @@ def test_cfg_job_prints_the_resolved_config():
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["width"] == 768 and printed["data"]["num_frames"] == 16
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+    import torch
+
+    common = [
+        f"run_root={tmp_path}",
+        *TINY,
+        "trainer.log_every_n_steps=1",
+        "trainer.eval_every_n_steps=0",
+        "trainer.checkpoint_every_n_steps=0",
+        "sampling.prompts=[]",
+        "logger=none",
+        "data.num_workers=1",
+    ]
+    whole = train("name=whole", "trainer.max_steps=8", *[c for c in common if not c.startswith("logger.")])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for max_steps in (4, 8):  # stop at 4 (a final checkpoint), then the same command continues to 8
+        part = train(
+            "name=parts", f"trainer.max_steps={max_steps}", *[c for c in common if not c.startswith("logger.")]
+        )
+        assert part.returncode == 0, part.stderr[-3000:]
+
+    def losses(name):
+        return {int(r["step"]): r["train/loss"] for r in metric_rows(tmp_path / name) if r["train/loss"]}
+
+    assert losses("parts") == losses("whole") and len(losses("whole")) == 8
+
+    def weights(name):
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / "step-000000008.ckpt", weights_only=False)
+        return checkpoint["state_dict"]
+
+    final_whole, final_parts = weights("whole"), weights("parts")
+    assert final_whole.keys() == final_parts.keys()
+    assert all(torch.equal(final_whole[k], final_parts[k]) for k in final_whole)

@@ -21,6 +21,7 @@ class VideoBatch:
     captions: list[str]  # B captions
     keys: list[str]  # B sample keys, unique within a shard set
     fps: Tensor  # (B,) frames per second of the sampled clip
+    stream_state: dict | None = None  # where the data stream stood after this batch (see vdm.data.pipeline)
 
     def __len__(self) -> int:
         return self.video.shape[0]

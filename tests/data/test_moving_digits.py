@@ -33,7 +33,7 @@ def test_script_rebuilds_the_bundled_shard_bit_for_bit(tmp_path):
 def test_held_out_split_decodes_fully_with_captions_matching_metadata():
     data = VideoData(
         str(BUNDLED / "train-000000.tar.gz"),
-        str(BUNDLED / "eval-000000.tar.gz"),
+        eval_shards=str(BUNDLED / "eval-000000.tar.gz"),
         num_frames=8,
         frame_stride=2,
         size=32,

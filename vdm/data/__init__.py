@@ -1,7 +1,21 @@
-"""WebDataset video pipeline: shards -> decoded, resized clips -> VideoBatch. No Lightning here."""
+"""WebDataset video pipeline: shards -> decoded, resized clips in shape buckets -> VideoBatch. No Lightning here."""
 
-from vdm.data.pipeline import ClipSampler, VideoShardDataset, collate
-from vdm.data.skips import SkipCounter
+from vdm.data.buckets import Bucket
+from vdm.data.clips import ClipMaker, FrameSampling
+from vdm.data.pipeline import StreamTracker, VideoShardDataset, collate
+from vdm.data.skips import SkipCounter, TooMuchBadData
 from vdm.data.source import VideoData
+from vdm.data.stream import Source
 
-__all__ = ["ClipSampler", "SkipCounter", "VideoData", "VideoShardDataset", "collate"]
+__all__ = [
+    "Bucket",
+    "ClipMaker",
+    "FrameSampling",
+    "SkipCounter",
+    "Source",
+    "StreamTracker",
+    "TooMuchBadData",
+    "VideoData",
+    "VideoShardDataset",
+    "collate",
+]

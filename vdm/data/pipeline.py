@@ -1,90 +1,16 @@
-"""Stream captioned clips from WebDataset shards into VideoBatches.
-
-Order is a pure function of (seed, rank, worker, position): each worker draws from its own
-generator seeded with those numbers, so runs are reproducible and a stream can be re-derived.
-"""
+"""Batches of clips from WebDataset shards, for a DataLoader; and the record of where a stream stands."""
 
 from __future__ import annotations
 
-import json
-import tarfile
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
-from vdm.data.shards import TruncatedShard, iter_tar_files
+from vdm.data.clips import ClipMaker
 from vdm.data.skips import SkipCounter
-from vdm.data.transforms import frames_to_clip
-from vdm.data.video import DecodeError, decode_frames, probe_num_frames
+from vdm.data.stream import Source, WorkerStream
 from vdm.types import VideoBatch
-
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
-
-
-class SkipSample(Exception):
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class ClipSampler:
-    """Which frames of a video make a clip, and how they are shaped."""
-
-    num_frames: int
-    frame_stride: int
-    size: int
-    random_start: bool
-    random_crop: bool
-
-    @property
-    def span(self) -> int:
-        """Frames of the source covered by one clip."""
-        return (self.num_frames - 1) * self.frame_stride + 1
-
-    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        """A raw sample ({'__key__', 'mp4', 'txt', 'json'?}) -> {'video', 'caption', 'key', 'fps'}."""
-        video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
-        if video_ext is None:
-            raise SkipSample("missing_video", f"no video among {sorted(k for k in sample if not k.startswith('__'))}")
-        caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-        if not caption:
-            raise SkipSample("missing_caption", "caption is missing or empty")
-        meta = _read_json(sample.get("json"))
-        data = sample[video_ext]
-        try:
-            total = int(meta.get("frames") or 0) or probe_num_frames(data)
-            if total is not None and total < self.span:
-                raise SkipSample("too_short", f"{total} frames, clip needs {self.span}")
-            last_start = (total - self.span) if total is not None else 0
-            start = int(rng.integers(last_start + 1)) if self.random_start else 0
-            frames = decode_frames(data, range(start, start + self.span, self.frame_stride))
-        except DecodeError as error:
-            reason = "too_short" if "frames needed" in str(error) else "decode_error"
-            raise SkipSample(reason, str(error)) from error
-        offset = tuple(rng.random(2)) if self.random_crop else (0.5, 0.5)
-        source_fps = float(meta.get("fps") or 0.0)
-        return {
-            "video": frames_to_clip(frames, self.size, offset),
-            "caption": caption,
-            "key": sample["__key__"],
-            "fps": source_fps / self.frame_stride,
-        }
-
-
-def _read_json(data: bytes | None) -> dict:
-    if not data:
-        return {}
-    try:
-        meta = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def collate(samples: list[dict]) -> VideoBatch:
@@ -97,20 +23,21 @@ def collate(samples: list[dict]) -> VideoBatch:
 
 
 class VideoShardDataset(IterableDataset):
-    """Batches of clips from tar shards.
+    """VideoBatches from the shards of one or more sources; each batch has one bucket's shape.
 
-    resampled=True: an endless stream; each worker draws shards with replacement and shuffles
-    samples in a buffer (training). resampled=False: one pass in order, shards split by rank then
-    by worker, every sample exactly once (evaluation).
-    A sample that cannot be used, or the rest of a shard that cannot be read, is skipped and
-    counted in `skips`; the stream goes on.
+    resampled=True: an endless stream (training): every epoch each source's shards are permuted and
+    split across all workers of all ranks, so no sample repeats within an epoch; sources are mixed by
+    weight; samples are shuffled in a buffer. resampled=False: one pass in order (evaluation), every
+    sample exactly once across workers and ranks.
+
+    Each batch carries `stream_state`: the worker's position after it. A dataset created with
+    `resume` (what StreamTracker recorded) continues exactly where the batches trained on ended.
     """
 
     def __init__(
         self,
-        shards: list[str],
-        sampler: ClipSampler,
-        batch_size: int,
+        sources: Sequence[Source] | Sequence[str],
+        clip_maker: ClipMaker,
         *,
         resampled: bool,
         seed: int = 0,
@@ -119,77 +46,72 @@ class VideoShardDataset(IterableDataset):
         world_size: int = 1,
         drop_last: bool = False,
         skips: SkipCounter | None = None,
+        resume: dict | None = None,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) (rank={rank}, world_size={world_size})")
-        self.shards = list(shards)
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.resampled = resampled
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.rank, self.world_size = rank, world_size
-        self.drop_last = drop_last
+        self.sources = [s if isinstance(s, Source) else None for s in sources]
+        if any(s is None for s in self.sources):  # a plain list of shard URLs: one source
+            self.sources = [Source(tuple(sources))]
+        self.clip_maker = clip_maker
+        self.resampled, self.seed, self.shuffle_buffer = resampled, seed, shuffle_buffer
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.skips = skips if skips is not None else SkipCounter()
+        self.resume = resume
 
     def __iter__(self) -> Iterator[VideoBatch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = np.random.default_rng([self.seed, self.rank, worker])
-        clips = (
-            clip for clip in map(lambda s: self._decode(s, rng), self._raw_samples(rng, worker, num_workers)) if clip
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes batch i from worker i % num_workers. After `batches` trained batches the next
+        # comes from logical worker batches % num_workers, so the worker started first plays that one.
+        resume = self.resume if self.resume and self.resume.get("batches") else {}  # none trained: a fresh start
+        if resume and resume.get("num_workers") != num_workers:
+            raise ValueError(
+                f"the stream position was saved with {resume.get('num_workers')} loader workers; "
+                f"restore it with the same data.num_workers (now {num_workers})"
+            )
+        worker = (physical + resume.get("batches", 0)) % num_workers
+        positions = {int(k): v for k, v in resume.get("positions", {}).items()}
+        stream = WorkerStream(
+            self.sources,
+            self.clip_maker,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            resampled=self.resampled,
+            shuffle_buffer=self.shuffle_buffer,
+            skips=self.skips,
+            drop_last=self.drop_last,
+            position=positions.get(worker),
         )
-        if self.shuffle_buffer > 1:
-            clips = _shuffled(clips, self.shuffle_buffer, rng)
-        batch: list[dict] = []
-        for clip in clips:
-            batch.append(clip)
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
-        if batch and not self.drop_last:
-            yield collate(batch)
-
-    def _shard_order(self, rng: np.random.Generator, worker: int, num_workers: int) -> Iterator[str]:
-        if self.resampled:
-            while True:
-                yield self.shards[int(rng.integers(len(self.shards)))]
-        else:
-            yield from self.shards[self.rank :: self.world_size][worker::num_workers]
-
-    def _raw_samples(self, rng: np.random.Generator, worker: int, num_workers: int) -> Iterator[dict]:
-        """Samples ({'__key__', '__url__', ext: bytes}) of this worker's shards, in order."""
-
-        def files() -> Iterator[dict]:
-            for shard in self._shard_order(rng, worker, num_workers):
-                try:
-                    with open(shard, "rb") as stream:
-                        for file in iter_tar_files(stream, shard):
-                            yield file | {"__url__": shard}
-                except (OSError, tarfile.TarError, EOFError, zlib.error, TruncatedShard) as error:
-                    # what was read before the error stands; the rest of the shard is lost
-                    self.skips.add("shard_error", f"rest of {shard}", error)
-                yield {}  # end of shard: a sample never spans two shards
-
-        yield from group_by_keys(files())
-
-    def _decode(self, sample: dict, rng: np.random.Generator) -> dict | None:
-        try:
-            return self.sampler(sample, rng)
-        except SkipSample as skip:
-            self.skips.add(skip.reason, f"{sample.get('__url__')}:{sample.get('__key__')}", skip)
-            return None
+        for _, clips, position in stream:
+            batch = collate(clips)
+            batch.stream_state = {"worker": worker, "num_workers": num_workers, "position": position}
+            yield batch
 
 
-def _shuffled(items: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Shuffle a stream through a buffer: emit a random element once the buffer is full."""
-    buffer: list[dict] = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= buffer_size:
-            index = int(rng.integers(len(buffer)))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
+class StreamTracker:
+    """Where the stream stands for the batches actually trained on (a loader may have prefetched more).
+
+    Call `update` with each batch as it is trained on; `state()` is what a VideoShardDataset resumes from.
+    """
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.batches = state.get("batches", 0)
+        self.num_workers = state.get("num_workers")
+        self.positions = {int(k): v for k, v in state.get("positions", {}).items()}
+
+    def update(self, batch: VideoBatch) -> None:
+        stream_state = batch.stream_state
+        if stream_state is None:
+            return
+        self.positions[stream_state["worker"]] = stream_state["position"]
+        self.num_workers = stream_state["num_workers"]
+        self.batches += 1
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "num_workers": self.num_workers, "positions": dict(self.positions)}

@@ -6,48 +6,101 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader
 
-from vdm.data.pipeline import ClipSampler, VideoShardDataset
-from vdm.data.shards import expand_shards
+from vdm.data.buckets import Bucket
+from vdm.data.clips import ClipMaker, FrameSampling
+from vdm.data.pipeline import VideoShardDataset
+from vdm.data.shards import REMOTE_SCHEMES, expand_shards
 from vdm.data.skips import SkipCounter
+from vdm.data.stream import Source
 
 
 @dataclass
 class VideoData:
-    """Shards and clip shape for training and held-out evaluation.
+    """Shards, clip shapes and loading for training and held-out evaluation.
 
-    Paths are relative to the directory train.py is started from.
+    Local shard paths are relative to the directory train.py is started from.
     """
 
-    train_shards: str  # brace pattern of local tar / tar.gz shards
+    train_shards: str | None = None  # brace pattern of tar / tar.gz shards: the one training source
+    sources: list[dict] | None = None  # instead of train_shards, a mixture: [{shards: ..., weight: ...}, ...]
     eval_shards: str | None = None  # held-out shards, read in one plain pass
     num_frames: int = 8  # frames per clip
-    frame_stride: int = 1  # take every k-th frame of the source
-    size: int = 32  # clips are size x size after resize and crop
+    frame_stride: int = 1  # take every k-th frame of the source...
+    fps: float | None = None  # ...or the stride closest to this frame rate, where the source's rate is known
+    size: int = 32  # clips are size x size after resize and crop...
+    buckets: list[dict] | None = None  # ...or one of these shapes: [{frames, height, width, batch_size}, ...]
     batch_size: int = 16  # clips per batch on each process
+    image_batch_size: int = 0  # > 0: images train as one-frame clips, in batches of this size
+    short_clips: str = "skip"  # sources shorter than every bucket: skip, or pad with their last frame
     num_workers: int = 1  # loader processes per training process
-    shuffle_buffer: int = 512  # samples held for shuffling in each worker
-    random_crop: bool = True  # train only; evaluation always crops the centre
+    shuffle_buffer: int = 512  # raw samples held for shuffling in each worker
+    random_crop: bool = True  # train only; evaluation crops the centre and starts at the first frame
     eval_clips: int = 256  # held-out clips used for the held-out loss
-    skips: SkipCounter = field(default_factory=SkipCounter, init=False, repr=False)
+    max_skip_fraction: float = 0.1  # stop when more than this share of samples cannot be used
+    remote_schemes: list[str] = field(default_factory=lambda: list(REMOTE_SCHEMES))  # besides local paths
+    skips: SkipCounter = field(init=False, repr=False)
 
     def __post_init__(self):
         for name in ("num_frames", "frame_stride", "size", "batch_size", "eval_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("num_workers", "shuffle_buffer"):
+        for name in ("num_workers", "shuffle_buffer", "image_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
-        self.train_shard_list = expand_shards(self.train_shards)
-        self.eval_shard_list = expand_shards(self.eval_shards) if self.eval_shards else []
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be > 0 (got {self.fps})")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1] (got {self.max_skip_fraction})")
+        if (self.train_shards is None) == (self.sources is None):
+            raise ValueError("set exactly one of train_shards and sources")
+        raw_sources = self.sources if self.sources is not None else [{"shards": self.train_shards, "weight": 1.0}]
+        self.train_sources = []
+        for index, source in enumerate(raw_sources):
+            unknown = set(source) - {"shards", "weight"}
+            if unknown or "shards" not in source:
+                raise ValueError(f"sources[{index}] needs shards (and optionally weight), got keys {sorted(source)}")
+            if float(source.get("weight", 1.0)) <= 0:
+                raise ValueError(f"sources[{index}].weight must be > 0")
+            shards = expand_shards(source["shards"], self.remote_schemes)
+            self.train_sources.append(Source(tuple(shards), float(source.get("weight", 1.0))))
+        self.eval_shard_list = expand_shards(self.eval_shards, self.remote_schemes) if self.eval_shards else []
+        self.bucket_list = self._buckets()
+        FrameSampling(short_clips=self.short_clips)  # checks short_clips
+        self.skips = SkipCounter(max_fraction=self.max_skip_fraction)
 
-    def train_loader(self, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-        sampler = ClipSampler(
-            self.num_frames, self.frame_stride, self.size, random_start=True, random_crop=self.random_crop
+    def _buckets(self) -> list[Bucket]:
+        if self.buckets:
+            try:
+                return [Bucket(**{k: b[k] for k in ("frames", "height", "width", "batch_size")}) for b in self.buckets]
+            except (KeyError, TypeError) as error:
+                raise ValueError(f"buckets: each needs frames, height, width, batch_size ({error})") from error
+        buckets = [Bucket(self.num_frames, self.size, self.size, self.batch_size)]
+        if self.image_batch_size:
+            buckets.append(Bucket(1, self.size, self.size, self.image_batch_size))
+        return buckets
+
+    def clip_maker(self, train: bool) -> ClipMaker:
+        sampling = FrameSampling(
+            self.frame_stride,
+            self.fps,
+            random_start=train,
+            random_crop=train and self.random_crop,
+            short_clips=self.short_clips,
         )
-        dataset = VideoShardDataset(
-            self.train_shard_list,
-            sampler,
-            self.batch_size,
+        return ClipMaker(self.bucket_list, sampling)
+
+    def train_dataset(self, seed: int, rank: int = 0, world_size: int = 1, resume: dict | None = None):
+        slots = world_size * max(self.num_workers, 1)
+        for index, source in enumerate(self.train_sources):
+            if len(source.shards) < slots:
+                raise ValueError(
+                    f"sources[{index}] has {len(source.shards)} shards, fewer than the {slots} loader "
+                    f"workers of all ranks ({world_size} ranks x {max(self.num_workers, 1)}): each reads "
+                    "whole shards, so write smaller shards or lower data.num_workers"
+                )
+        return VideoShardDataset(
+            self.train_sources,
+            self.clip_maker(train=True),
             resampled=True,
             seed=seed,
             shuffle_buffer=self.shuffle_buffer,
@@ -55,17 +108,18 @@ class VideoData:
             world_size=world_size,
             drop_last=True,
             skips=self.skips,
+            resume=resume,
         )
-        return self._loader(dataset, self.num_workers)
+
+    def train_loader(self, seed: int, rank: int = 0, world_size: int = 1, resume: dict | None = None) -> DataLoader:
+        return self._loader(self.train_dataset(seed, rank, world_size, resume), self.num_workers)
 
     def eval_loader(self, rank: int = 0, world_size: int = 1, num_workers: int = 0) -> DataLoader:
         if not self.eval_shard_list:
             raise ValueError("eval_shards is not set")
-        sampler = ClipSampler(self.num_frames, self.frame_stride, self.size, random_start=False, random_crop=False)
         dataset = VideoShardDataset(
             self.eval_shard_list,
-            sampler,
-            self.batch_size,
+            self.clip_maker(train=False),
             resampled=False,
             rank=rank,
             world_size=world_size,
@@ -75,7 +129,7 @@ class VideoData:
 
     @staticmethod
     def _loader(dataset: VideoShardDataset, num_workers: int) -> DataLoader:
-        # the dataset batches itself (batch_size=None), so each worker yields whole VideoBatches
+        # the dataset batches itself (batch_size=None): each worker yields whole VideoBatches of one bucket
         return DataLoader(
             dataset,
             batch_size=None,

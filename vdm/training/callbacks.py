@@ -55,6 +55,13 @@ class Checkpointing(L.Callback):
         self.last_saved_step = step
 
 
+class StreamPosition(L.Callback):
+    """Records each trained batch's data-stream position in the data module (saved with checkpoints)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.datamodule.tracker.update(batch)
+
+
 class MetricsLog(L.Callback):
     """metrics.csv, one row per logged step, and the same numbers to the experiment loggers.
 
