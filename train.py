@@ -47,15 +47,18 @@ def build(cfg: DictConfig, section: str, **supplied):
 
 
 def check_compatible(net, autoencoder, data) -> None:
-    """Combinations that each section's own checks cannot see."""
+    """Combinations that each section's own checks cannot see: every clip shape must fit the model."""
     pt, ph, pw = net.patch_size
-    frames, size = data.num_frames // autoencoder.temporal_factor, data.size // autoencoder.spatial_factor
-    if data.num_frames % autoencoder.temporal_factor or frames % pt:
-        raise ConfigError(f"data.num_frames: {data.num_frames} frames do not divide into model.patch_size[0]={pt}")
-    if data.size % autoencoder.spatial_factor or size % ph or size % pw:
-        raise ConfigError(f"data.size: {data.size} does not divide into model.patch_size {list(net.patch_size)}")
-    if frames > net.max_frames or size > net.max_size:
-        raise ConfigError(f"data: clips of {data.num_frames}x{data.size}x{data.size} exceed model.max_frames/max_size")
+    for bucket in data.bucket_list:
+        key = "data.buckets" if data.buckets else ("data.image_batch_size" if bucket.frames == 1 else "data")
+        frames = bucket.frames // autoencoder.temporal_factor if bucket.frames > 1 else 1
+        height, width = bucket.height // autoencoder.spatial_factor, bucket.width // autoencoder.spatial_factor
+        if frames % pt or height % ph or width % pw:
+            raise ConfigError(f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} (frames x height x "
+                              f"width) do not divide into model.patch_size {list(net.patch_size)}")
+        if frames > net.max_frames or max(height, width) > net.max_size:
+            raise ConfigError(f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} exceed "
+                              f"model.max_frames={net.max_frames} / model.max_size={net.max_size}")
 
 
 @dataclass

@@ -64,7 +64,8 @@ def test_xl_preset_is_about_700m_parameters():
         (["optim.lr=-1"], "lr"),
         (["trainer.precision=fp8"], "precision"),
         (["model.heads=3"], "heads"),  # 128 is not divisible by 3
-        (["data.size=30"], "data.size"),  # not divisible by the patch
+        (["data.size=30"], "data"),  # not divisible by the patch
+        (["data.image_batch_size=8"], "data.image_batch_size"),  # one-frame clips, temporal patch of 2
         (["data.train_shards='/nonexistent/x-{0..3}.tar'"], "data"),
         (["seed=abc"], "seed"),
         (["resume=/nonexistent.ckpt"], "resume"),
