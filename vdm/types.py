@@ -17,7 +17,7 @@ from torch import Tensor
 class VideoBatch:
     """A batch of captioned clips. An image is a clip with T = 1."""
 
-    video: Tensor  # (B, C, T, H, W) float in [-1, 1]
+    video: Tensor  # (B, C, T, H, W) uint8 in [0, 255]; pixels() gives float in [-1, 1]
     captions: list[str]  # B captions
     keys: list[str]  # B sample keys, unique within a shard set
     fps: Tensor  # (B,) frames per second of the sampled clip
@@ -25,6 +25,10 @@ class VideoBatch:
 
     def __len__(self) -> int:
         return self.video.shape[0]
+
+    def pixels(self) -> Tensor:
+        """(B, C, T, H, W) float32 in [-1, 1], computed where the batch is (after the copy to the device)."""
+        return self.video.float().div_(127.5).sub_(1.0)
 
     def to(self, device: torch.device | str) -> VideoBatch:
         return replace(self, video=self.video.to(device), fps=self.fps.to(device))

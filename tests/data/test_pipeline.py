@@ -111,7 +111,7 @@ def test_clip_frames_follow_stride_and_are_normalized(shards):
     assert batch.video.shape == (3, 3, 4, 16, 16)
     # frames 0, 2, 4, 6 of the ramp: grey levels 0, 40, 80, 120 mapped to [-1, 1]
     expected = torch.tensor([0, 40, 80, 120]) / 127.5 - 1
-    torch.testing.assert_close(batch.video[0].mean(dim=(0, 2, 3)), expected, atol=0.02, rtol=0)
+    torch.testing.assert_close(batch.pixels()[0].mean(dim=(0, 2, 3)), expected, atol=0.02, rtol=0)
     assert batch.fps.tolist() == [4.0, 4.0, 4.0]  # 8 fps source, every 2nd frame
 
 
@@ -120,7 +120,7 @@ def test_target_fps_picks_the_stride_and_short_clips_pad_or_skip(tmp_path):
     at_4fps = ClipMaker([Bucket(3, 16, 16, 1)], FrameSampling(fps=4.0, random_start=False, random_crop=False))
     batch = next(iter(VideoShardDataset([path], at_4fps, resampled=False)))
     torch.testing.assert_close(
-        batch.video[0].mean(dim=(0, 2, 3)), torch.tensor([0, 40, 80]) / 127.5 - 1, atol=0.02, rtol=0
+        batch.pixels()[0].mean(dim=(0, 2, 3)), torch.tensor([0, 40, 80]) / 127.5 - 1, atol=0.02, rtol=0
     )
     assert batch.fps.tolist() == [4.0]
 
@@ -128,7 +128,7 @@ def test_target_fps_picks_the_stride_and_short_clips_pad_or_skip(tmp_path):
     pad = ClipMaker(long, FrameSampling(frame_stride=2, random_start=False, random_crop=False, short_clips="pad"))
     batch = next(iter(VideoShardDataset([path], pad, resampled=False)))
     levels = torch.tensor([0, 40, 80, 120, 160, 200, 220, 220]) / 127.5 - 1  # frames 0..10, then the last (11)
-    torch.testing.assert_close(batch.video[0].mean(dim=(0, 2, 3)), levels, atol=0.02, rtol=0)
+    torch.testing.assert_close(batch.pixels()[0].mean(dim=(0, 2, 3)), levels, atol=0.02, rtol=0)
     skips = SkipCounter()
     skip = ClipMaker(long, FrameSampling(frame_stride=2, random_start=False, random_crop=False))
     assert keys_of(VideoShardDataset([path], skip, resampled=False, skips=skips)) == []
@@ -284,14 +284,24 @@ def test_no_member_is_ever_unpickled(tmp_path):
     assert not marker.exists()
 
 
-def test_frames_to_clip_covers_then_crops_centre():
+def test_frames_to_clip_covers_then_crops_centre_in_uint8_close_to_a_float_resize():
     frames = np.zeros((2, 30, 60, 3), dtype=np.uint8)
     frames[:, :, 15:45] = 255  # a white band in the middle half of the width
     clip = frames_to_clip(frames, 16, 16)
-    assert clip.shape == (3, 2, 16, 16)
-    assert clip.min() >= -1 and clip.max() <= 1
-    assert clip[:, :, :, 4:12].mean() > 0.9  # the centre crop is the white band
+    assert clip.shape == (3, 2, 16, 16) and clip.dtype == torch.uint8 and clip.is_contiguous()
+    assert clip[:, :, :, 4:12].float().mean() > 250  # the centre crop is the white band
     assert frames_to_clip(frames, 8, 32).shape == (3, 2, 8, 32)
+    # the uint8 resize stays within one grey level of resizing in float
+    photo = np.random.default_rng(0).integers(0, 256, (3, 45, 70, 3), dtype=np.uint8)
+    as_float = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(photo).permute(0, 3, 1, 2).float(), size=(16, 25), mode="bilinear", antialias=True
+        )
+        .round()
+        .clamp(0, 255)
+    )
+    as_uint8 = frames_to_clip(photo, 16, 25).permute(1, 0, 2, 3).float()
+    assert (as_uint8 - as_float).abs().max() <= 1
 
 
 def test_shard_specs_expand_braces_allow_listed_schemes_only(shards):

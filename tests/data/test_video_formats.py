@@ -207,20 +207,42 @@ def test_variable_frame_rate_file_has_uneven_timestamps(cases):
     assert times == VFR_PTS_MS  # frame indices count frames: index 3 is at 300 ms, not 3/8 s
 
 
-def test_audio_track_comes_first_and_is_not_decoded(cases, monkeypatch):
+def test_audio_track_comes_first_and_is_neither_demuxed_nor_decoded(cases, monkeypatch):
     data = cases["h264_with_aac_audio"].data
     with av.open(io.BytesIO(data)) as container:
         assert [s.type for s in container.streams] == ["audio", "video"]
-    decoded_streams = []
+    decoded_streams, discards = [], []
     real_decode = av.container.InputContainer.decode
 
     def spy(self, *streams, **kwargs):
         decoded_streams.extend(s.type for s in streams)
+        discards.extend(s.discard for s in self.streams)
         return real_decode(self, *streams, **kwargs)
 
     monkeypatch.setattr(av.container.InputContainer, "decode", spy)
     assert decode_frames(data, [0, 11]).shape == (2, 48, 64, 3)
     assert decoded_streams == ["video"]
+    # the demuxer skips the audio packets instead of handing them over to be dropped
+    assert discards == [av.stream.Discard.all, av.stream.Discard.default]
+
+
+def test_a_size_change_mid_stream_is_scaled_to_the_first_size():
+    """Two H.264 streams back to back (a new SPS mid-stream): one array, the first stream's size."""
+
+    def raw_h264(height: int, width: int, level: int) -> bytes:
+        buffer = io.BytesIO()
+        with av.open(buffer, mode="w", format="h264") as container:
+            stream = container.add_stream("libx264", rate=FPS)
+            stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+            for _ in range(4):
+                image = np.full((height, width, 3), level, np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+        return buffer.getvalue()
+
+    frames = decode_frames(raw_h264(48, 64, 50) + raw_h264(96, 128, 200), range(8))
+    assert frames.shape == (8, 48, 64, 3)
+    np.testing.assert_allclose(frames.mean(axis=(1, 2, 3)), [50] * 4 + [200] * 4, atol=4)
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg command is not installed")

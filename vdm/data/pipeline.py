@@ -14,8 +14,15 @@ from vdm.types import VideoBatch
 
 
 def collate(samples: list[dict]) -> VideoBatch:
+    videos = [s["video"] for s in samples]
+    out = None
+    if get_worker_info() is not None:
+        # in a loader worker, stack straight into shared memory (as torch's default_collate does): the batch
+        # then reaches the training process without a second copy
+        storage = videos[0]._typed_storage()._new_shared(len(videos) * videos[0].numel(), device=videos[0].device)
+        out = videos[0].new(storage).resize_(len(videos), *videos[0].shape)
     return VideoBatch(
-        video=torch.stack([s["video"] for s in samples]),
+        video=torch.stack(videos, out=out),
         captions=[s["caption"] for s in samples],
         keys=[s["key"] for s in samples],
         fps=torch.tensor([s["fps"] for s in samples], dtype=torch.float32),

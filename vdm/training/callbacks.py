@@ -206,7 +206,7 @@ class HeldOutLoss(L.Callback):
         num_clips = sum(len(b) for b in batches)
         for index, batch in enumerate(batches):
             batch = batch.to(pl_module.device)
-            x0 = pl_module.autoencoder.encode(batch.video)
+            x0 = pl_module.autoencoder.encode(batch.pixels())
             generator = generator_for(pl_module.device, self.seed, index)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             t = (torch.arange(count, count + len(batch), device=x0.device) + 0.5) / num_clips

@@ -52,7 +52,7 @@ class VideoDiffusion(L.LightningModule):
         # every random draw of this step comes from (seed, rank, step): resumed runs draw the same
         generator = generator_for(self.device, self.seed, self.global_rank, self.global_step)
         captions = self.drop_captions(batch.captions, generator)
-        x0 = self.autoencoder.encode(batch.video)
+        x0 = self.autoencoder.encode(batch.pixels())
         loss = self.objective(self.net, x0, self.encode_text(captions), generator).mean()
         self.step_metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
