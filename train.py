@@ -54,11 +54,15 @@ def check_compatible(net, autoencoder, data) -> None:
         frames = bucket.frames // autoencoder.temporal_factor if bucket.frames > 1 else 1
         height, width = bucket.height // autoencoder.spatial_factor, bucket.width // autoencoder.spatial_factor
         if frames % pt or height % ph or width % pw:
-            raise ConfigError(f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} (frames x height x "
-                              f"width) do not divide into model.patch_size {list(net.patch_size)}")
+            raise ConfigError(
+                f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} (frames x height x "
+                f"width) do not divide into model.patch_size {list(net.patch_size)}"
+            )
         if frames > net.max_frames or max(height, width) > net.max_size:
-            raise ConfigError(f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} exceed "
-                              f"model.max_frames={net.max_frames} / model.max_size={net.max_size}")
+            raise ConfigError(
+                f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} exceed "
+                f"model.max_frames={net.max_frames} / model.max_size={net.max_size}"
+            )
 
 
 @dataclass
