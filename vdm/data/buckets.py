@@ -29,14 +29,23 @@ def choose_bucket(
 ) -> int | None:
     """Index of the bucket for a source of this size and length, or None if none fits.
 
-    Images go to one-frame buckets, videos to the others. Among the buckets whose length the source
-    can fill, the one with the closest aspect ratio wins (log distance, so 2:1 and 1:2 are equally far
-    from 1:1), then the longest.
+    Images go to one-frame buckets, videos to the others, among those whose length the source can fill.
+    The closest aspect ratio wins (log distance, so 2:1 and 1:2 are equally far from 1:1; ratios within
+    5% count as equal); then a bucket the source need not be upscaled for, the largest such (resolution
+    buckets); then the longest.
     """
     aspect = width / height
     candidates = [
-        (abs(math.log(bucket.aspect / aspect)), -bucket.frames, index)
+        (
+            round(abs(math.log(bucket.aspect / aspect)) / 0.05),
+            bucket.height > height or bucket.width > width,  # would upscale
+            -bucket.height * bucket.width
+            if bucket.height <= height and bucket.width <= width
+            else bucket.height * bucket.width,  # among upscaling ones: the least
+            -bucket.frames,
+            index,
+        )
         for index, bucket in enumerate(buckets)
         if (bucket.frames == 1) == is_image and bucket.frames <= available_frames
     ]
-    return min(candidates)[2] if candidates else None
+    return min(candidates)[-1] if candidates else None
