@@ -24,15 +24,17 @@ from vdm.training.callbacks import (
     HeldOutLoss,
     MetricsLog,
     SampleVideos,
+    ShardingReport,
     StreamPosition,
     TrainMetrics,
 )
 from vdm.training.datamodule import VideoDataModule
 from vdm.training.module import VideoDiffusion
+from vdm.training.preemption import Preemption
 from vdm.training.run_dir import CHECKPOINT, RunDir
 
 log = logging.getLogger("vdm")
-SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "logger", "sampling")
+SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "logger", "sampling", "strategy")
 
 
 def build(cfg: DictConfig, section: str, **supplied):
@@ -79,6 +81,7 @@ class Parts:
     trainer: Any
     logger: Any
     sampling: Any
+    strategy: Any
 
 
 def assemble(cfg: DictConfig) -> Parts:
@@ -96,7 +99,21 @@ def assemble(cfg: DictConfig) -> Parts:
     net = build(cfg, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
     parts = Parts(config, text_encoder, autoencoder, net, *(build(cfg, section) for section in SECTIONS[3:]))
     check_compatible(net, autoencoder, parts.data)
+    check_global_batch(parts.trainer, parts.data)
     return parts
+
+
+def check_global_batch(settings, data) -> int:
+    """Clips per optimizer step over all ranks; checked against trainer.global_batch_size when that is set."""
+    world_size = settings.world_size()
+    global_batch = data.batch_size * settings.accumulate_grad_batches * world_size
+    if settings.global_batch_size is not None and settings.global_batch_size != global_batch:
+        raise ConfigError(
+            f"trainer.global_batch_size: {settings.global_batch_size} != data.batch_size {data.batch_size} x "
+            f"trainer.accumulate_grad_batches {settings.accumulate_grad_batches} x world size {world_size} "
+            f"= {global_batch}"
+        )
+    return global_batch
 
 
 def main(cfg: DictConfig) -> dict:
@@ -107,9 +124,15 @@ def main(cfg: DictConfig) -> dict:
         resume_from = run_dir.checkpoint_to_resume(cfg.resume)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"resume: {error}") from error
-    for partial in run_dir.remove_partial_checkpoints():
-        log.warning("removed %s, a checkpoint whose save did not finish", partial)
-    OmegaConf.save(OmegaConf.create(parts.config), run_dir.config)
+    # every process runs this script (Lightning starts the others with the same command line, SLURM's srun
+    # starts them all); what touches the run directory is done once
+    from lightning.pytorch.utilities import rank_zero_only  # after vdm: see vdm/_torchvision_compat.py
+
+    is_rank_zero = rank_zero_only.rank == 0
+    if is_rank_zero:
+        for partial in run_dir.remove_partial_checkpoints():
+            log.warning("removed %s, a checkpoint whose save did not finish", partial)
+        OmegaConf.save(OmegaConf.create(parts.config), run_dir.config)
 
     module = VideoDiffusion(
         parts.net,
@@ -119,6 +142,7 @@ def main(cfg: DictConfig) -> dict:
         parts.optim,
         seed=cfg.seed,
         caption_dropout=settings.caption_dropout,
+        parallelize=parts.strategy.parallelize,
     )
     metrics_log = MetricsLog(run_dir.metrics)
     start_step = 0
@@ -128,6 +152,7 @@ def main(cfg: DictConfig) -> dict:
     held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
     callbacks = [
         StreamPosition(),
+        ShardingReport(run_dir),
         TrainMetrics(metrics_log, settings.log_every_n_steps),
         *([held_out] if held_out else []),
         SampleVideos(
@@ -137,18 +162,31 @@ def main(cfg: DictConfig) -> dict:
             size=data.size,
             every_n_steps=settings.sample_every_n_steps,
         ),
-        Checkpointing(run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints),
+        checkpointing := Checkpointing(run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints),
+        preemption := Preemption(checkpointing),
         metrics_log,  # last: flushes what the others logged at this step
     ]
-    logger = parts.logger.build(run_dir.path, cfg.name, parts.config)
-    trainer = settings.build(callbacks, logger)
+    logger = parts.logger.build(run_dir.path, cfg.name, parts.config) if is_rank_zero else None
+    trainer = settings.build(callbacks, logger, strategy=parts.strategy.build(settings.world_size(), data.batch_size))
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
-    log.info("model: %.2fM parameters", sum(p.numel() for p in parts.net.parameters()) / 1e6)
+    log.info(
+        "model: %.2fM parameters; global batch %d = %d clips x %d accumulated x %d processes",
+        sum(p.numel() for p in parts.net.parameters()) / 1e6,
+        check_global_batch(settings, data),
+        data.batch_size,
+        settings.accumulate_grad_batches,
+        settings.world_size(),
+    )
     # a resumed run continues the data stream where its checkpoint stood (the position is in it)
     datamodule = VideoDataModule(data, seed=cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
 
-    summary = {"run_dir": str(run_dir.path), "steps": trainer.global_step, "skipped": data.skips.counts()}
+    summary = {
+        "run_dir": str(run_dir.path),
+        "steps": trainer.global_step,
+        "skipped": data.skips.counts(),
+        "preempted": preemption.preempted,
+    }
     if held_out and held_out.history:
         (first_step, first), (last_step, last) = held_out.history[0], held_out.history[-1]
         summary |= {"held_out_first": (first_step, first), "held_out_last": (last_step, last)}

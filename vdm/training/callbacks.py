@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -148,6 +149,9 @@ class TrainMetrics(L.Callback):
         step = trainer.global_step
         if step % self.every_n_steps != 0:
             return
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and engine.get_global_grad_norm() is not None:  # DeepSpeed clips inside its step
+            pl_module.step_metrics["grad_norm"] = torch.as_tensor(float(engine.get_global_grad_norm()))
         # every rank takes part in the reduction; only rank 0 writes
         values = {
             k: trainer.strategy.reduce(v.float(), reduce_op="mean").item() for k, v in pl_module.step_metrics.items()
@@ -251,8 +255,10 @@ class SampleVideos(L.Callback):
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module) -> Path | None:
         settings = self.settings
-        if not trainer.is_global_zero or not settings.prompts or trainer.global_step == self.last_step:
+        if not settings.prompts or trainer.global_step == self.last_step:
             return None
+        # every rank generates: with sharded parameters (FSDP2, ZeRO-3) each forward gathers them collectively;
+        # rank 0 writes
         self.last_step = trainer.global_step
         was_training = pl_module.net.training
         pl_module.net.eval()
@@ -270,6 +276,8 @@ class SampleVideos(L.Callback):
                 shift=settings.shift,
             )
         pl_module.net.train(was_training)
+        if not trainer.is_global_zero:
+            return None
         frames = grid(to_uint8_frames(video), self.columns, self.upscale)
         stem = self.run_dir.samples / f"step-{trainer.global_step:09d}"
         fps = max(1, round(settings.fps))
@@ -286,3 +294,63 @@ class SampleVideos(L.Callback):
                 )
         log.info("step %d: samples written to %s.{mp4,gif,txt}", trainer.global_step, stem)
         return stem
+
+
+class ShardingReport(L.Callback):
+    """What each rank holds after the first optimizer step: parameter and optimizer-state elements.
+
+    Written to sharding/rank-<r>.json in the run directory and logged: under DDP every rank holds
+    everything; ZeRO 1/2 split the optimizer states, ZeRO-3 and FSDP2 the parameters too.
+    """
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir, self.done = run_dir, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.done or trainer.global_step < 1:
+            return
+        self.done = True
+        params = list(pl_module.net.parameters())
+        report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "parameters_total": sum(_full_numel(p) for p in params),
+            "parameters_local": sum(_local_numel(p) for p in params),
+            "optimizer_state_local": sum(
+                _local_numel(value)
+                for state in _innermost_optimizer(trainer.optimizers[0]).state.values()
+                for value in state.values()
+                if isinstance(value, torch.Tensor) and value.dim() > 0
+            ),
+        }
+        folder = self.run_dir.path / "sharding"
+        folder.mkdir(exist_ok=True)
+        (folder / f"rank-{trainer.global_rank}.json").write_text(json.dumps(report, indent=1) + "\n")
+        log.info(
+            "rank %d holds %d of %d parameters and %d optimizer-state elements (%s)",
+            report["rank"],
+            report["parameters_local"],
+            report["parameters_total"],
+            report["optimizer_state_local"],
+            report["strategy"],
+        )
+
+
+def _local_numel(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank's partition
+        return tensor.ds_tensor.numel()
+    if hasattr(tensor, "to_local"):  # a DTensor (FSDP2): this rank's shard
+        return tensor.to_local().numel()
+    return tensor.numel()
+
+
+def _full_numel(tensor: torch.Tensor) -> int:
+    return tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()
+
+
+def _innermost_optimizer(optimizer):
+    """The torch optimizer that holds the states (Lightning and DeepSpeed wrap it)."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer

@@ -11,6 +11,10 @@ from vdm.training.seeding import generator_for
 from vdm.types import TextCond, VideoBatch
 
 
+def is_deepspeed(strategy) -> bool:
+    return hasattr(strategy, "deepspeed_engine")
+
+
 class VideoDiffusion(L.LightningModule):
     """Trains `net` under `objective`, conditioned on captions through a frozen text encoder.
 
@@ -29,6 +33,7 @@ class VideoDiffusion(L.LightningModule):
         *,
         seed: int = 0,
         caption_dropout: float = 0.1,
+        parallelize=None,
     ):
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
@@ -40,7 +45,13 @@ class VideoDiffusion(L.LightningModule):
         self.seed = seed
         self.caption_dropout = caption_dropout
         self.__dict__["text_encoder"] = text_encoder  # not a submodule: see the class docstring
+        self.parallelize = parallelize  # (net, device_mesh) -> net: sharding applied from outside (FSDP2)
         self.step_metrics: dict[str, Tensor] = {}
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if self.parallelize is not None and mesh is not None:
+            self.parallelize(self.net, mesh)
 
     def on_fit_start(self) -> None:
         self.text_encoder.to(self.device)
@@ -64,10 +75,14 @@ class VideoDiffusion(L.LightningModule):
         return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if is_deepspeed(self.trainer.strategy):
+            return  # DeepSpeed clips inside its step (gradient_clipping in its config); the norm is read after it
         # clip_grad_norm_ returns the norm before clipping: log it whether or not clipping is on
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        self.step_metrics["grad_norm"] = norm.detach()
+        self.step_metrics["grad_norm"] = (
+            norm.detach().float().full_tensor() if hasattr(norm, "full_tensor") else norm.detach()
+        )
 
     def configure_optimizers(self):
         optimizer, scheduler = self.optim.build(p for p in self.net.parameters() if p.requires_grad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import lightning as L
@@ -14,8 +15,9 @@ class TrainerSettings:
     accelerator: str = "auto"  # auto, cpu, gpu
     devices: int | str = "auto"  # processes per node
     num_nodes: int = 1
-    strategy: str = "auto"
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # if set: must equal data.batch_size x accumulate x world size
     gradient_clip: float = 1.0  # max gradient norm; 0 turns clipping off (the norm is still logged)
     caption_dropout: float = 0.1  # share of captions replaced by "" (trains the unconditional model for CFG)
     log_every_n_steps: int = 10
@@ -28,7 +30,7 @@ class TrainerSettings:
     def __post_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
-        for name in ("log_every_n_steps", "keep_last_checkpoints", "num_nodes"):
+        for name in ("log_every_n_steps", "keep_last_checkpoints", "num_nodes", "accumulate_grad_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("eval_every_n_steps", "checkpoint_every_n_steps", "sample_every_n_steps", "gradient_clip"):
@@ -44,13 +46,33 @@ class TrainerSettings:
         on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
         return "bf16-mixed" if on_gpu else "32-true"
 
-    def build(self, callbacks: list[L.Callback], logger) -> L.Trainer:
+    def world_size(self) -> int:
+        """Processes over all nodes, known before any of them starts."""
+        if isinstance(self.devices, int):
+            per_node = self.devices
+        elif self.devices == "auto":
+            on_gpu = self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+            per_node = torch.cuda.device_count() if on_gpu else 1
+        else:
+            per_node = len(str(self.devices).split(","))
+        return per_node * self.num_nodes
+
+    def build(self, callbacks: list[L.Callback], logger, strategy="auto") -> L.Trainer:
+        plugins = []
+        if os.environ.get("SLURM_NTASKS") and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+            # vdm.training.preemption checkpoints and requeues on SIGUSR1/SIGTERM; Lightning's own
+            # requeue (which saves elsewhere) stays off
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            plugins.append(SLURMEnvironment(auto_requeue=False))
         return L.Trainer(
             max_steps=self.max_steps,
             accelerator=self.accelerator,
             devices=self.devices,
             num_nodes=self.num_nodes,
-            strategy=self.strategy,
+            strategy=strategy,
+            plugins=plugins or None,
+            accumulate_grad_batches=self.accumulate_grad_batches,
             precision=self.resolved_precision(),
             gradient_clip_val=self.gradient_clip or None,
             callbacks=callbacks,
