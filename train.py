@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from vdm.config_check import ConfigError, check_config
+from vdm.models.weights import load_into
 from vdm.training.callbacks import (
     Checkpointing,
     HeldOutLoss,
@@ -91,16 +92,57 @@ def assemble(cfg: DictConfig) -> Parts:
         raise ConfigError(f"seed: expected int, got {config['seed']!r}")
     if config["resume"] not in ("auto", "never") and not Path(str(config["resume"])).exists():
         raise ConfigError(f"resume: expected auto, never or an existing checkpoint path, got {config['resume']!r}")
+    if config["init_from"] is not None and not str(config["init_from"]).endswith(".safetensors"):
+        raise ConfigError(
+            f"init_from: expected a .safetensors weights file (scripts/export.py), got {config['init_from']!r}"
+        )
+    for key in ("init_strict", "init_ema"):
+        if not isinstance(config[key], bool):
+            raise ConfigError(f"{key}: expected true or false, got {config[key]!r}")
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
 
     torch.manual_seed(cfg.seed)  # model init is a function of the seed
     text_encoder = build(cfg, "text")
     autoencoder = build(cfg, "autoencoder")
     net = build(cfg, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
+    if config["init_from"] is not None:
+        init_from(net, config)
     parts = Parts(config, text_encoder, autoencoder, net, *(build(cfg, section) for section in SECTIONS[3:]))
     check_compatible(net, autoencoder, parts.data)
     check_global_batch(parts.trainer, parts.data)
     return parts
+
+
+def init_from(net, config: dict) -> None:
+    """Load a weights file into the freshly built network: fine-tuning, or an image model into a video model.
+
+    This happens before any strategy wraps the network, so every rank starts from the same weights; a resumed
+    run then overwrites them with its checkpoint's.
+    """
+    path, strict, ema = str(config["init_from"]), config["init_strict"], config["init_ema"]
+    try:
+        report = load_into(net, path, ema=ema, strict=strict)
+    except (ValueError, FileNotFoundError) as error:
+        hint = " (init_strict=false loads only the matching names)" if strict and "strict" in str(error) else ""
+        raise ConfigError(f"init_from: {error}{hint}") from error
+    if report.config.get("heads") != config["model"]["heads"]:  # invisible in the shapes when qk_norm is off
+        raise ConfigError(
+            f"init_from: {path} was trained with heads={report.config.get('heads')}, "
+            f"model.heads is {config['model']['heads']}"
+        )
+    log.info("init_from %s%s: %s", path, " (EMA weights)" if ema else "", report)
+    if report.missing:
+        log.warning(
+            "init_from: %d network tensors are not in the file and keep their initialization: %s",
+            len(report.missing),
+            report.missing,
+        )
+    if report.unexpected:
+        log.warning(
+            "init_from: %d tensors of the file have no place in the network and are ignored: %s",
+            len(report.unexpected),
+            report.unexpected,
+        )
 
 
 def check_global_batch(settings, data) -> int:

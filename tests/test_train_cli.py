@@ -27,6 +27,9 @@ TINY = [
 ]
 
 
+TINY_NO_WANDB = [arg for arg in TINY if not arg.startswith("logger.")] + ["logger=none"]
+
+
 def train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return subprocess.run(
@@ -106,20 +109,17 @@ def test_a_stopped_and_resumed_run_continues_exactly_like_an_uninterrupted_one(t
 
     common = [
         f"run_root={tmp_path}",
-        *TINY,
+        *TINY_NO_WANDB,
         "trainer.log_every_n_steps=1",
         "trainer.eval_every_n_steps=0",
         "trainer.checkpoint_every_n_steps=0",
         "sampling.prompts=[]",
-        "logger=none",
         "data.num_workers=1",
     ]
-    whole = train("name=whole", "trainer.max_steps=8", *[c for c in common if not c.startswith("logger.")])
+    whole = train("name=whole", "trainer.max_steps=8", *common)
     assert whole.returncode == 0, whole.stderr[-3000:]
     for max_steps in (4, 8):  # stop at 4 (a final checkpoint), then the same command continues to 8
-        part = train(
-            "name=parts", f"trainer.max_steps={max_steps}", *[c for c in common if not c.startswith("logger.")]
-        )
+        part = train("name=parts", f"trainer.max_steps={max_steps}", *common)
         assert part.returncode == 0, part.stderr[-3000:]
 
     def losses(name):
@@ -134,3 +134,45 @@ def test_a_stopped_and_resumed_run_continues_exactly_like_an_uninterrupted_one(t
     final_whole, final_parts = weights("whole"), weights("parts")
     assert final_whole.keys() == final_parts.keys()
     assert all(torch.equal(final_whole[k], final_parts[k]) for k in final_whole)
+
+
+@pytest.mark.slow
+def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_ended(tmp_path):
+    # temporal patch 1 so the same patch embedding serves one-frame and multi-frame clips
+    common = [
+        f"run_root={tmp_path}",
+        *TINY_NO_WANDB,
+        "trainer.checkpoint_every_n_steps=0",
+        "trainer.eval_every_n_steps=0",
+        "model.patch_size=[1,4,4]",
+        "sampling.prompts=[]",
+    ]
+    image = train("name=image", "trainer.max_steps=3", "model.temporal=false", *common)
+    assert image.returncode == 0, image.stderr[-3000:]
+    weights = tmp_path / "image.safetensors"
+    export = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export.py"),
+            str(tmp_path / "image" / "checkpoints" / "step-000000003.ckpt"),
+            "--out",
+            str(weights),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+
+    strict = train("name=strict", "trainer.max_steps=1", f"init_from={weights}", *common)
+    assert strict.returncode == 2 and "init_from" in strict.stderr  # the temporal layers are not in the file
+
+    video = train("name=video", "trainer.max_steps=1", f"init_from={weights}", "init_strict=false", *common)
+    assert video.returncode == 0, video.stderr[-3000:]
+
+    def held_out(name):
+        return [float(r["val/loss"]) for r in metric_rows(tmp_path / name) if r["val/loss"]]
+
+    # the video model's new temporal layers start silent: at step 0 it is the image model
+    assert held_out("video")[0] == held_out("image")[-1]
