@@ -190,7 +190,8 @@ def main(cfg: DictConfig) -> dict:
     start_step = 0
     if resume_from is not None and (match := CHECKPOINT.match(resume_from.name)):
         start_step = int(match.group(1))
-        metrics_log.truncate_after(start_step)
+        if is_rank_zero:  # every rank rewriting the file at once can lose rows
+            metrics_log.truncate_after(start_step)
     held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
     callbacks = [
         StreamPosition(),

@@ -182,11 +182,14 @@ class HeldOutLoss(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        # the last step here too: its held-out loss joins its row before a checkpoint at that step writes the row
+        last = trainer.global_step >= trainer.max_steps
+        if last or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module)
+        if trainer.global_step >= trainer.max_steps:  # not when stopped early (preempted): the resumed run will
+            self.evaluate(trainer, pl_module)
 
     def held_out_batches(self) -> list:
         if self.batches is None:
@@ -250,7 +253,8 @@ class SampleVideos(L.Callback):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.sample(trainer, pl_module)
+        if trainer.global_step >= trainer.max_steps:  # not when stopped early (preempted): the resumed run will
+            self.sample(trainer, pl_module)
 
     @torch.no_grad()
     def sample(self, trainer: L.Trainer, pl_module) -> Path | None:

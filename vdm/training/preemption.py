@@ -3,8 +3,9 @@
 SLURM sends SIGUSR1 before the time limit (`#SBATCH --signal=USR1@<seconds>`) and SIGTERM on scancel or
 preemption. The handler only sets a flag: a checkpoint is never written from inside a signal handler.
 At each step boundary the ranks all-reduce their flags (one rank is enough to stop all), write one
-checkpoint together, and stop; under SLURM, rank 0 first requeues the job, which then resumes from that
-checkpoint by itself (resume=auto).
+checkpoint together, and stop. For SIGUSR1 under SLURM, with steps left, rank 0 first requeues the job,
+which then resumes from that checkpoint by itself (resume=auto); after SIGTERM Slurm decides whether the
+job runs again (requeueing then would revive a cancelled job).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Preemption(L.Callback):
     def __init__(self, checkpointing: Checkpointing, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
         self.checkpointing, self.signals = checkpointing, signals
         self.requested: int | None = None  # the signal received on this rank
-        self.preempted = False  # this run stopped for a signal (train.py exits with a distinct status)
+        self.preempted = False  # this run stopped for a signal (reported in train.py's summary)
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -38,11 +39,15 @@ class Preemption(L.Callback):
             signal.signal(signum, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        self.requested = signum
+        if self.requested != signal.SIGTERM:  # SIGTERM (scancel, preemption) wins over an earlier SIGUSR1
+            self.requested = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flag = torch.tensor(float(self.requested is not None), device=pl_module.device)
-        if trainer.strategy.reduce(flag, reduce_op="sum").item() == 0:
+        flags = torch.tensor(
+            [float(self.requested is not None), float(self.requested == signal.SIGTERM)], device=pl_module.device
+        )
+        stop, terminate = trainer.strategy.reduce(flags, reduce_op="sum").tolist()  # over all ranks
+        if stop == 0:
             return
         log.warning(
             "step %d: stop requested by signal (%s on this rank); checkpointing on all ranks",
@@ -50,7 +55,10 @@ class Preemption(L.Callback):
             signal.Signals(self.requested).name if self.requested else "another rank",
         )
         self.checkpointing.save(trainer)
-        if trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+        # requeue only for SIGUSR1 (the time limit is near) and only if steps are left. SIGTERM is scancel or
+        # preemption: Slurm decides whether the job runs again (a requeue here would revive a cancelled job)
+        finished = trainer.global_step >= trainer.max_steps
+        if trainer.is_global_zero and os.environ.get("SLURM_JOB_ID") and not terminate and not finished:
             job = os.environ["SLURM_JOB_ID"]
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if result.returncode == 0:

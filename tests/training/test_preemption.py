@@ -1,0 +1,134 @@
+"""Preemption without Slurm: a signal to a running `python train.py` checkpoints, stops, and the run resumes.
+
+vdm.training.preemption: SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (scancel, preemption)
+sets a flag; at the next step boundary the run writes one checkpoint and stops with status 0. Only when
+SLURM_JOB_ID is set does rank 0 ask Slurm to requeue the job; a fake `scontrol` on PATH records whether it did.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runs import checkpoint_steps, train_steps
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "logger=none",
+    "trainer.log_every_n_steps=1",
+    "trainer.eval_every_n_steps=0",
+    "trainer.checkpoint_every_n_steps=1000",  # only the checkpoint the signal asks for
+    "trainer.progress_bar=false",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "data.eval_clips=8",
+    "sampling.prompts=[]",
+]
+MAX_STEPS = 200  # far more than the test lets it run
+
+pytestmark = pytest.mark.slow
+
+
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This environment without Slurm's or W&B's variables, and a fake scontrol that records its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol-calls"}\n')
+    scontrol.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "WANDB_"))}
+    return env | {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def scontrol_calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "scontrol-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def run_until_signalled(tmp_path: Path, name: str, signum: int, after_step: int, env: dict) -> tuple[int, str]:
+    """Start `train.py`, send `signum` once metrics.csv shows `after_step`; returns (exit status, output)."""
+    run = tmp_path / name
+    log = tmp_path / f"{name}-{len(list(tmp_path.glob(f'{name}-*.log')))}.log"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"name={name}",
+        f"run_root={tmp_path}",
+        f"trainer.max_steps={MAX_STEPS}",
+        *TINY,
+    ]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (train_steps(run) and train_steps(run)[-1] >= after_step):
+            assert process.poll() is None, f"train.py ended ({process.returncode}) first:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no step {after_step} in time:\n{log.read_text()[-4000:]}"
+            time.sleep(0.1)
+        process.send_signal(signum)
+        signalled = time.monotonic()
+        status = process.wait(timeout=90)
+        assert time.monotonic() - signalled < 60, "stopping took too long"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return status, log.read_text()
+
+
+def test_a_signal_checkpoints_and_stops_and_the_same_command_resumes(tmp_path):
+    """SIGUSR1 stops the first run, SIGTERM the resumed one: each checkpoints the step it stopped at and exits 0."""
+    env = environment(tmp_path)
+    run = tmp_path / "preempted"
+    status, output = run_until_signalled(tmp_path, "preempted", signal.SIGUSR1, after_step=3, env=env)
+    assert status == 0, output[-4000:]
+    assert "stop requested by signal (SIGUSR1 on this rank)" in output
+    stopped_at = train_steps(run)[-1]
+    assert 3 <= stopped_at < MAX_STEPS
+    assert checkpoint_steps(run) == [stopped_at]  # the step the run stopped at, nothing after it
+    assert not list((run / "checkpoints").glob("*.partial"))
+    assert scontrol_calls(tmp_path) == [] and "requeue" not in output  # no SLURM_JOB_ID: no requeue
+
+    # the same command continues from that checkpoint; SIGTERM stops it the same way
+    status, output = run_until_signalled(tmp_path, "preempted", signal.SIGTERM, after_step=stopped_at + 3, env=env)
+    assert status == 0, output[-4000:]
+    assert f"resuming from {run}/checkpoints/step-{stopped_at:09d}.ckpt" in output
+    assert "stop requested by signal (SIGTERM on this rank)" in output
+    stopped_again = train_steps(run)[-1]
+    assert stopped_again >= stopped_at + 3
+    assert checkpoint_steps(run) == [stopped_at, stopped_again]
+    assert not list((run / "checkpoints").glob("*.partial"))
+    assert train_steps(run) == list(range(1, stopped_again + 1))  # strictly increasing, none repeated or skipped
+    assert scontrol_calls(tmp_path) == [] and "requeue" not in output
+
+
+def test_metrics_csv_has_one_row_per_step_after_a_preemption(tmp_path):
+    status, output = run_until_signalled(tmp_path, "rows", signal.SIGUSR1, after_step=2, env=environment(tmp_path))
+    assert status == 0, output[-4000:]
+    with open(tmp_path / "rows" / "metrics.csv", newline="") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file)]
+    assert steps == list(range(0, steps[-1] + 1))  # step 0: the held-out loss before training
+
+
+@pytest.mark.parametrize(
+    "signum, requeues",
+    [
+        pytest.param(signal.SIGUSR1, True, id="SIGUSR1-requeues"),
+        pytest.param(signal.SIGTERM, False, id="SIGTERM-does-not-requeue"),
+    ],
+)
+def test_under_slurm_rank_zero_requeues_the_job_only_for_sigusr1(tmp_path, signum, requeues):
+    """SIGUSR1 comes before the time limit: requeue. SIGTERM is scancel or preemption: Slurm decides, not the run."""
+    env = environment(tmp_path, SLURM_JOB_ID="4242")  # no SLURM_NTASKS: still a single plain process
+    status, output = run_until_signalled(tmp_path, "job", signum, after_step=2, env=env)
+    assert status == 0, output[-4000:]
+    assert len(checkpoint_steps(tmp_path / "job")) == 1
+    assert scontrol_calls(tmp_path) == (["requeue 4242"] if requeues else [])
+    assert ("requeued SLURM job 4242" in output) == requeues
