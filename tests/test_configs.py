@@ -68,6 +68,9 @@ def test_xl_preset_is_about_700m_parameters():
         (["data.image_batch_size=8"], "data.image_batch_size"),  # one-frame clips, temporal patch of 2
         (["data.train_shards='/nonexistent/x-{0..3}.tar'"], "data"),
         (["seed=abc"], "seed"),
+        (["trainer.global_batch_size=17"], "trainer.global_batch_size"),  # 16 x 1 x 1
+        (["strategy=deepspeed_zero2", "strategy.stage=4"], "stage"),
+        (["init_from=weights.pt"], "init_from"),  # safetensors only
         (["resume=/nonexistent.ckpt"], "resume"),
     ],
 )
@@ -95,3 +98,17 @@ def test_config_check_types():
             {"model": {"_target_": "vdm.models.SpaceTimeDiT", "depth": 1, "heads": 1}},
             supplied={"model": {"in_channels", "text_dim"}},
         )
+
+
+def test_global_batch_is_micro_batch_times_accumulation_times_processes():
+    parts = train.assemble(
+        compose_config(
+            "data.batch_size=4",
+            "trainer.accumulate_grad_batches=3",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.num_nodes=2",
+            "trainer.global_batch_size=48",
+        )
+    )
+    assert train.check_global_batch(parts.trainer, parts.data) == 48
