@@ -205,7 +205,9 @@ def main(cfg: DictConfig) -> dict:
             size=data.size,
             every_n_steps=settings.sample_every_n_steps,
         ),
-        checkpointing := Checkpointing(run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints),
+        checkpointing := Checkpointing(
+            run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints, settings.keep_every_n_steps
+        ),
         preemption := Preemption(checkpointing),
         metrics_log,  # last: flushes what the others logged at this step
     ]

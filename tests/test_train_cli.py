@@ -176,3 +176,27 @@ def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_e
 
     # the video model's new temporal layers start silent: at step 0 it is the image model
     assert held_out("video")[0] == held_out("image")[-1]
+
+
+@pytest.mark.slow
+def test_checkpoints_keep_the_last_k_and_every_mth_and_an_unfinished_save_is_not_a_fresh_start(tmp_path):
+    args = [
+        f"run_root={tmp_path}",
+        "name=keep",
+        *TINY_NO_WANDB,
+        "trainer.eval_every_n_steps=0",
+        "trainer.checkpoint_every_n_steps=1",
+        "trainer.keep_last_checkpoints=2",
+        "trainer.keep_every_n_steps=2",
+        "sampling.prompts=[]",
+    ]
+    result = train(*args, "trainer.max_steps=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "keep" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-00000000{s}.ckpt" for s in (2, 4, 5)]
+
+    # a run whose only checkpoint never finished writing stops, naming the problem, instead of starting at 0
+    (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "broken" / "checkpoints" / "step-000000003.ckpt.partial").write_bytes(b"half")
+    broken = train(*[a.replace("name=keep", "name=broken") for a in args], "trainer.max_steps=5")
+    assert broken.returncode == 2 and "only incomplete checkpoints" in broken.stderr

@@ -38,3 +38,10 @@ def test_resume_from_an_explicit_path(run_dir, tmp_path):
     assert run_dir.checkpoint_to_resume(str(elsewhere)) == elsewhere
     with pytest.raises(FileNotFoundError):
         run_dir.checkpoint_to_resume(str(tmp_path / "missing.ckpt"))
+
+
+def test_only_incomplete_checkpoints_stop_the_run_instead_of_starting_over(run_dir):
+    (run_dir.checkpoints / "step-000000100.ckpt.partial").write_bytes(b"half")
+    with pytest.raises(ValueError, match="only incomplete checkpoints"):
+        run_dir.checkpoint_to_resume("auto")
+    assert run_dir.checkpoint_to_resume("never") is None  # the explicit way to start over

@@ -23,14 +23,19 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointing(L.Callback):
-    """Save every `every_n_steps` and at the end, atomically; keep the newest `keep_last`.
+    """Save every `every_n_steps` and at the end, atomically; keep the newest `keep_last` and every `keep_every`-th.
 
     Each checkpoint is written to `<name>.partial` and renamed to its final name only once every rank
     has finished writing, so a crash mid-save never leaves a checkpoint that looks complete.
     """
 
-    def __init__(self, run_dir: RunDir, every_n_steps: int, keep_last: int = 2):
-        self.run_dir, self.every_n_steps, self.keep_last = run_dir, every_n_steps, keep_last
+    def __init__(self, run_dir: RunDir, every_n_steps: int, keep_last: int = 2, keep_every: int = 0):
+        self.run_dir, self.every_n_steps, self.keep_last, self.keep_every = (
+            run_dir,
+            every_n_steps,
+            keep_last,
+            keep_every,
+        )
         self.last_saved_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -50,7 +55,9 @@ class Checkpointing(L.Callback):
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             os.replace(partial, final)
-            for _, old in self.run_dir.complete_checkpoints()[: -self.keep_last]:
+            for old_step, old in self.run_dir.complete_checkpoints()[: -self.keep_last]:
+                if self.keep_every and old_step % self.keep_every == 0:
+                    continue  # a milestone: kept for good
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
         trainer.strategy.barrier("checkpoint-renamed")
         self.last_saved_step = step

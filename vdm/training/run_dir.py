@@ -49,10 +49,13 @@ class RunDir:
         found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := CHECKPOINT.match(p.name))]
         return sorted(found)
 
+    def partial_checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("*.partial")) if self.checkpoints.is_dir() else []
+
     def remove_partial_checkpoints(self) -> list[Path]:
         """Delete what a save killed mid-write left behind; returns what was removed."""
         removed = []
-        for path in self.checkpoints.glob("*.partial"):
+        for path in self.partial_checkpoints():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             removed.append(path)
         return removed
@@ -67,6 +70,13 @@ class RunDir:
             return None
         if resume == "auto":
             checkpoints = self.complete_checkpoints()
+            if not checkpoints and self.partial_checkpoints():
+                # never start silently from step 0 over a run that exists but whose only save did not finish
+                raise ValueError(
+                    f"{self.checkpoints} holds only incomplete checkpoints "
+                    f"({', '.join(p.name for p in self.partial_checkpoints())}): their save did not "
+                    "finish. Start over with resume=never (they are then removed)"
+                )
             return checkpoints[-1][1] if checkpoints else None
         path = Path(resume)
         if not path.exists():

@@ -24,6 +24,7 @@ class TrainerSettings:
     eval_every_n_steps: int = 200  # held-out loss; 0: only at start and end
     checkpoint_every_n_steps: int = 500
     keep_last_checkpoints: int = 2
+    keep_every_n_steps: int = 0  # > 0: also keep every checkpoint whose step is a multiple of this, for good
     sample_every_n_steps: int = 0  # 0: sample videos at the end only
     progress_bar: bool = True
 
@@ -33,7 +34,13 @@ class TrainerSettings:
         for name in ("log_every_n_steps", "keep_last_checkpoints", "num_nodes", "accumulate_grad_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("eval_every_n_steps", "checkpoint_every_n_steps", "sample_every_n_steps", "gradient_clip"):
+        for name in (
+            "eval_every_n_steps",
+            "checkpoint_every_n_steps",
+            "sample_every_n_steps",
+            "gradient_clip",
+            "keep_every_n_steps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
         precisions = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
