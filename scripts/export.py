@@ -61,6 +61,7 @@ import yaml
 import vdm  # first: makes torchvision importable on CPU-only torch (open_clip needs it)
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import model_kwargs, save_weights
+from vdm.state_dicts import diff_state_dicts
 
 LEADING_WRAPPERS = ("_forward_module.", "module.")  # Lightning's wrapper, DeepSpeed's / DDP's wrapper
 INNER_WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}  # never a real module name
@@ -334,16 +335,12 @@ def model_config(run_config: dict, net: dict[str, torch.Tensor], source: Path) -
             expected = SpaceTimeDiT(**model).state_dict()
     except (TypeError, ValueError) as error:
         raise ExportError(f"{source}: model config does not build a SpaceTimeDiT: {error}") from error
-    missing, unexpected = sorted(set(expected) - set(net)), sorted(set(net) - set(expected))
-    wrong = sorted(
-        f"{k}: weights {tuple(net[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in net and net[k].shape != v.shape
-    )
-    if missing or unexpected or wrong:
+    diff = diff_state_dicts(expected, net)
+    if diff:
+        wrong = [f"{k}: weights {given} vs config {shape}" for k, given, shape in diff.wrong_shape]
         raise ExportError(
             f"the weights do not fit the model config in {source} (another run's config?): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+            f"missing {diff.missing[:5]}, unexpected {diff.unexpected[:5]}, wrong shapes {wrong[:5]}"
         )
     return model, notes
 

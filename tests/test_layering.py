@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 VDM = Path(__file__).resolve().parents[1] / "vdm"
-PURE = ["models", "diffusion", "text", "autoencoders", "data", "types.py", "generate.py", "config_check.py"]
+PURE = [
+    "models",
+    "diffusion",
+    "text",
+    "autoencoders",
+    "data",
+    "types.py",
+    "generate.py",
+    "config_check.py",
+    "state_dicts.py",
+]
 FORBIDDEN = ("lightning", "pytorch_lightning", "deepspeed", "hydra", "omegaconf", "wandb", "torch.distributed")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vdm.data import video
-from vdm.data.video import DecodeError, VideoInfo, decode_frames, probe, probe_num_frames, rotate_upright
+from vdm.data.video import DecodeError, VideoInfo, decode_frames, probe, rotate_upright
 
 FPS = 8
 
@@ -178,7 +178,6 @@ def test_probe_reports_displayed_size_rate_and_count(cases, name):
     assert info == VideoInfo(case.num_frames, fps, width, height, case.rotation)
     if case.fps is None:  # some average of instantaneous rates from 2.8 to 100 per second
         assert 5 < info.fps < 20
-    assert probe_num_frames(case.data) == case.num_frames
 
 
 @pytest.mark.parametrize("name", ["h264_bframes", "vp9_webm", "rotated_90"])
@@ -289,8 +288,6 @@ def test_undecodable_bytes_raise_decode_error(cases, mangle):
         decode_frames(bad, [0])
     with pytest.raises(DecodeError):
         probe(bad)
-    with pytest.raises(DecodeError):
-        probe_num_frames(bad)
 
 
 def test_a_file_without_video_raises_decode_error():

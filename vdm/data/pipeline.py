@@ -58,9 +58,8 @@ class VideoShardDataset(IterableDataset):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) (rank={rank}, world_size={world_size})")
-        self.sources = [s if isinstance(s, Source) else None for s in sources]
-        if any(s is None for s in self.sources):  # a plain list of shard URLs: one source
-            self.sources = [Source(tuple(sources))]
+        # a plain list of shard URLs is one source
+        self.sources = list(sources) if all(isinstance(s, Source) for s in sources) else [Source(tuple(sources))]
         self.clip_maker = clip_maker
         self.resampled, self.seed, self.shuffle_buffer = resampled, seed, shuffle_buffer
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last

@@ -44,9 +44,6 @@ class SkipCounter:
         with self._counts.get_lock():
             self._counts[-1] += 1
 
-    def seen(self) -> int:
-        return self._counts[-1]
-
     def counts(self) -> dict[str, int]:
         with self._counts.get_lock():
             return dict(zip(REASONS, self._counts[:-1]))

@@ -74,16 +74,6 @@ def probe(data: bytes) -> VideoInfo:
     return VideoInfo(num_frames, float(rate) if rate else None, width, height, rotation)
 
 
-def probe_num_frames(data: bytes) -> int | None:
-    """The frame count the container declares, or None when it does not say. Reads only the header."""
-    try:
-        with av.open(io.BytesIO(data), options=_OPEN_OPTIONS) as container:
-            frames = _video_stream(container, threads=1).frames
-    except (av.FFmpegError, IndexError, ValueError) as error:
-        raise DecodeError(f"cannot open video: {error}") from error
-    return frames or None
-
-
 def decode_frames(data: bytes, indices: Sequence[int], backend: str | None = None, *, threads: int = 1) -> np.ndarray:
     """The frames at `indices` (presentation order; any order, repeats allowed) -> (len(indices), H, W, 3) uint8.
 

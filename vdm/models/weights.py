@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from vdm.models.dit import SpaceTimeDiT
+from vdm.state_dicts import diff_state_dicts
 
 CONFIG_KEY = "vdm_model_config"
 EMA_PREFIX = "ema."
@@ -110,17 +111,12 @@ def save_weights(
 
     tensors = dict(state_dict)
     if ema_state_dict is not None:
-        missing = sorted(set(state_dict) - set(ema_state_dict))
-        unexpected = sorted(set(ema_state_dict) - set(state_dict))
-        wrong_shape = sorted(
-            f"{k}: {tuple(v.shape)} != {tuple(state_dict[k].shape)}"
-            for k, v in ema_state_dict.items()
-            if k in state_dict and v.shape != state_dict[k].shape
-        )
-        if missing or unexpected or wrong_shape:
+        diff = diff_state_dicts(state_dict, ema_state_dict)
+        if diff:
+            wrong_shape = [f"{k}: {given} != {expected}" for k, given, expected in diff.wrong_shape]
             raise ValueError(
                 "ema_state_dict must have the names and shapes of state_dict: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong_shape[:5]}"
+                f"missing {diff.missing[:5]}, unexpected {diff.unexpected[:5]}, wrong shapes {wrong_shape[:5]}"
             )
         tensors.update({EMA_PREFIX + k: v for k, v in ema_state_dict.items()})
 
@@ -220,14 +216,9 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 
 def _compare(net: nn.Module, state_dict: dict[str, Tensor], strict: bool, source: Path) -> tuple[list, list]:
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    )
+    diff = diff_state_dicts(net.state_dict(), state_dict)
+    missing, unexpected = diff.missing, diff.unexpected
+    wrong_shape = [f"{k}: file {given} vs network {expected}" for k, given, expected in diff.wrong_shape]
     if wrong_shape:
         raise ValueError(
             f"{source}: shapes do not match the network for {len(wrong_shape)} keys: {_names(wrong_shape)}"

@@ -17,6 +17,7 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vdm.state_dicts import diff_state_dicts
 from vdm.types import TextCond
 
 # Our own open_clip configs (clip-tiny: tests and laptop runs) join open_clip's registry, so that
@@ -152,18 +153,12 @@ class OpenCLIPTextEncoder(nn.Module):
         if isinstance(self.model, CustomTextCLIP):
             state_dict = convert_to_custom_text_state_dict(state_dict)  # CLIP layout -> text.* keys
         given = {k: v for k, v in state_dict.items() if _is_text_key(k)}
-        expected = self.model.state_dict()
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        wrong_shape = sorted(
-            f"{k}: {tuple(given[k].shape)} != {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in given and given[k].shape != v.shape
-        )
-        if missing or unexpected or wrong_shape:
+        diff = diff_state_dicts(self.model.state_dict(), given)
+        if diff:
+            wrong_shape = [f"{k}: {shape} != {expected}" for k, shape, expected in diff.wrong_shape]
             raise ValueError(
                 f"checkpoint does not match the text tower of {self.model_name!r}: "
-                f"missing text keys {missing}, unexpected text keys {unexpected}, wrong shapes {wrong_shape}"
+                f"missing text keys {diff.missing}, unexpected text keys {diff.unexpected}, wrong shapes {wrong_shape}"
             )
         self.model.load_state_dict(given, strict=True)
 
