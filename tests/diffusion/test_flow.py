@@ -98,3 +98,69 @@ def test_logit_normal_samples():
 def test_rejects_non_positive_std(std):
     with pytest.raises(ValueError, match="logit_normal_std"):
         RectifiedFlow(logit_normal_std=std)
+
+
+def test_draw_is_what_the_objective_trains_on():
+    x0, _ = data()
+    net = lambda x, t, cond: x * t.reshape(-1, 1, 1, 1, 1)
+    flow = RectifiedFlow()
+    t, noise = flow.draw(x0, torch.Generator().manual_seed(4))
+    assert t.shape == (B,) and t.dtype == torch.float32 and noise.shape == x0.shape
+    assert torch.equal(flow(net, x0, text(), torch.Generator().manual_seed(4)), flow.loss_at(net, x0, text(), t, noise))
+
+
+@pytest.mark.parametrize(
+    ("shift", "reference", "shape", "expected"),
+    [
+        (3.0, None, (B, C, 8, 32, 32), 3.0),  # fixed
+        (1.0, (1, 32, 32), (B, C, 1, 32, 32), 1.0),  # the reference shape keeps `shift`
+        (1.0, (1, 32, 32), (B, C, 8, 32, 32), 8**0.5),  # 8 times the frames
+        (1.0, (1, 32, 32), (B, C, 1, 64, 64), 2.0),  # 4 times the pixels
+        (2.0, (4, 16, 16), (B, C, 16, 16, 16), 4.0),
+    ],
+)
+def test_shift_from_resolution_and_length(shift, reference, shape, expected):
+    assert RectifiedFlow(shift=shift, shift_reference=reference).shift_for(shape) == pytest.approx(expected)
+
+
+def test_shifted_draws_are_the_unshifted_draws_moved_by_eq_23():
+    x0, _ = data()  # (B, C, 2, 4, 4): shift sqrt(2 * 16 / 8) = 2 against a (2, 2, 2) reference
+    t1, noise1 = RectifiedFlow().draw(x0, torch.Generator().manual_seed(5))
+    t2, noise2 = RectifiedFlow(shift_reference=(2, 2, 2)).draw(x0, torch.Generator().manual_seed(5))
+    assert torch.equal(noise1, noise2)  # the shift changes t only, not the draw order
+    torch.testing.assert_close(t2, 2 * t1 / (1 + t1))
+    assert (t2 > t1).all()  # more time at high noise
+
+
+def test_min_snr_weights_the_flow_loss():
+    x0, noise = data()
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    zero = lambda x, t, cond: torch.zeros_like(x)
+    plain = RectifiedFlow().loss_at(zero, x0, text(), t, noise)
+    weighted = RectifiedFlow(min_snr_gamma=5.0).loss_at(zero, x0, text(), t, noise)
+    snr = ((1 - t) / t) ** 2
+    torch.testing.assert_close(weighted, plain * snr.clamp(max=5.0) * t**2)
+
+
+def test_sample_uses_the_shift_for_the_noise_shape_and_the_named_sampler():
+    seen = []
+    velocity = lambda x, t: seen.append(t[0].item()) or torch.zeros_like(x)
+    flow = RectifiedFlow(shift_reference=(1, 4, 4))  # noise (B, C, 2, 4, 4): shift sqrt(2)
+    flow.sample(velocity, torch.zeros(B, C, T, H, W), steps=2)
+    assert seen == pytest.approx([1.0, 2**0.5 * 0.5 / (1 + (2**0.5 - 1) * 0.5)])
+    seen.clear()
+    flow.sample(velocity, torch.zeros(B, C, T, H, W), steps=2, shift=1.0)  # an explicit shift wins
+    assert seen == [1.0, 0.5]
+    seen.clear()
+    flow.sample(velocity, torch.zeros(B, C, T, H, W), steps=2, sampler="heun", shift=1.0)
+    assert seen == [1.0, 0.5, 0.5]  # 2 steps - 1 evaluations
+    with pytest.raises(ValueError, match="euler, heun"):
+        flow.sample(velocity, torch.zeros(B, C, T, H, W), steps=2, sampler="ddim")
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(shift=0.0), dict(shift_reference=(1, 32)), dict(shift_reference=(0, 1, 1)), dict(min_snr_gamma=0.0)]
+)
+def test_rejects_bad_shift_and_weighting(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RectifiedFlow(**bad)

@@ -81,3 +81,39 @@ def test_one_batched_forward_and_none_extra_at_scale_one():
     classifier_free_guidance(fake_net, cond, uncond, 2.0)(x, t)
     classifier_free_guidance(fake_net, cond, uncond, 1.0)(x, t)
     assert batches == [4, 2]
+
+
+def test_guidance_interval_is_per_sample():
+    # inside [0.3, 0.6] guided, outside the conditional output alone (Kynkäänniemi et al. 2024)
+    x, _ = inputs(4)
+    t = torch.tensor([0.2, 0.3, 0.6, 0.9])
+    cond, uncond = text(4, 5, seed=1), text(4, 3, seed=2)
+    fake_net = lambda x, t, cond: x * cond.pooled.mean(dim=1).reshape(-1, 1, 1, 1, 1)
+    out_cond, out_uncond = fake_net(x, t, cond), fake_net(x, t, uncond)
+    guided = classifier_free_guidance(fake_net, cond, uncond, 3.0, interval=(0.3, 0.6))(x, t)
+    everywhere = out_uncond + 3.0 * (out_cond - out_uncond)
+    inside = torch.tensor([False, True, True, False])
+    torch.testing.assert_close(guided[inside], everywhere[inside])
+    assert torch.equal(guided[~inside], out_cond[~inside])
+
+
+def test_no_second_forward_outside_the_interval():
+    batches = []
+
+    def fake_net(x, t, cond):
+        batches.append(x.shape[0])
+        return x
+
+    x, _ = inputs(2)
+    cond, uncond = text(2, 5, seed=1), text(2, 3, seed=2)
+    model_fn = classifier_free_guidance(fake_net, cond, uncond, 2.0, interval=[0.5, 0.8])
+    model_fn(x, torch.full((2,), 0.9))  # above: conditional only
+    model_fn(x, torch.full((2,), 0.7))  # inside: one batched forward
+    model_fn(x, torch.full((2,), 0.1))  # below
+    assert batches == [2, 4, 2]
+
+
+@pytest.mark.parametrize("interval", [(0.6, 0.5), (-0.1, 0.5), (0.5, 1.5), (0.1, 0.2, 0.3)])
+def test_rejects_bad_intervals(interval):
+    with pytest.raises(ValueError, match="interval"):
+        classifier_free_guidance(lambda x, t, c: x, text(1, 2, seed=0), text(1, 2, seed=0), 2.0, interval=interval)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vdm.diffusion import sample_euler, time_grid
+from vdm.diffusion import sample_ddim, sample_euler, sample_heun, time_grid
 
 MU, SIGMA = 0.7, 0.3
 
@@ -82,3 +82,44 @@ def test_euler_is_exact_on_straight_paths():
     noise = torch.randn(2, 3)
     v = torch.randn(2, 3)
     torch.testing.assert_close(sample_euler(lambda x, t: v, noise, 7, shift=3.0), noise - v)
+
+
+def test_heun_evaluates_twice_per_step_but_not_at_t_zero():
+    calls = []
+    velocity_fn = lambda x, t: calls.append(t[0].item()) or -x
+    sample_heun(velocity_fn, torch.ones(2, 3), 4)
+    assert calls == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]  # Karras et al. 2022, Algorithm 1
+
+
+def flow_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return 1 - t, t
+
+
+def test_ddim_on_the_flow_path_is_euler():
+    # x_s = (1 - s) x0_hat + s noise_hat is x_t + (s - t) (noise_hat - x0_hat): an Euler step on the velocity
+    def denoise_fn(x, t):
+        v = gaussian_velocity(x, t)
+        t = t.reshape(-1, 1)
+        return x - t * v, x + (1 - t) * v
+
+    noise = torch.randn(1_000, 1, generator=torch.Generator().manual_seed(0))
+    ddim = sample_ddim(denoise_fn, noise, 30, scalings=flow_scalings, shift=3.0)
+    torch.testing.assert_close(ddim, sample_euler(gaussian_velocity, noise, 30, shift=3.0), rtol=1e-5, atol=1e-5)
+
+
+def test_ancestral_noise_comes_from_the_generator_and_eta_zero_draws_none():
+    denoise_fn = lambda x, t: (0.5 * x, 0.5 * x)
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    run = lambda eta, seed: sample_ddim(
+        denoise_fn, noise, 5, scalings=flow_scalings, eta=eta, generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(run(1.0, 1), run(1.0, 1)) and not torch.equal(run(1.0, 1), run(1.0, 2))
+    assert torch.equal(run(0.0, 1), run(0.0, 2))
+    generator = torch.Generator().manual_seed(1)
+    sample_ddim(denoise_fn, noise, 5, scalings=flow_scalings, generator=generator)
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(1).get_state())
+
+
+def test_ddim_rejects_negative_eta():
+    with pytest.raises(ValueError, match="eta"):
+        sample_ddim(lambda x, t: (x, x), torch.zeros(1, 1), 2, scalings=flow_scalings, eta=-1.0)
