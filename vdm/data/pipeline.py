@@ -37,8 +37,10 @@ class VideoShardDataset(IterableDataset):
     weight; samples are shuffled in a buffer. resampled=False: one pass in order (evaluation), every
     sample exactly once across workers and ranks.
 
-    Each batch carries `stream_state`: the worker's position after it. A dataset created with
-    `resume` (what StreamTracker recorded) continues exactly where the batches trained on ended.
+    Each batch carries `stream_state`: the worker's position after it, and for each clip the raw sample it
+    was made from, (source, epoch, shard number, sample index). A dataset created with `resume` (what
+    StreamTracker recorded) continues exactly where the batches trained on ended; for a position saved
+    under another number of ranks or workers, vdm.data.reshard.carry_over re-derives `resume` first.
     """
 
     def __init__(
@@ -71,11 +73,11 @@ class VideoShardDataset(IterableDataset):
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The loader takes batch i from worker i % num_workers. After `batches` trained batches the next
         # comes from logical worker batches % num_workers, so the worker started first plays that one.
-        resume = self.resume if self.resume and self.resume.get("batches") else {}  # none trained: a fresh start
+        resume = self.resume if self.resume and self.resume.get("positions") else {}  # none: a fresh start
         if resume and resume.get("num_workers") != num_workers:
             raise ValueError(
-                f"the stream position was saved with {resume.get('num_workers')} loader workers; "
-                f"restore it with the same data.num_workers (now {num_workers})"
+                f"the stream position was saved with {resume.get('num_workers')} loader workers, this loader has "
+                f"{num_workers}: re-derive it for this layout with vdm.data.reshard.carry_over"
             )
         worker = (physical + resume.get("batches", 0)) % num_workers
         positions = {int(k): v for k, v in resume.get("positions", {}).items()}
@@ -93,9 +95,14 @@ class VideoShardDataset(IterableDataset):
             drop_last=self.drop_last,
             position=positions.get(worker),
         )
-        for _, clips, position in stream:
+        for _, clips, position, references in stream:
             batch = collate(clips)
-            batch.stream_state = {"worker": worker, "num_workers": num_workers, "position": position}
+            batch.stream_state = {
+                "worker": worker,
+                "num_workers": num_workers,
+                "position": position,
+                "samples": [list(r) for r in references],
+            }
             yield batch
 
 
