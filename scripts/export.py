@@ -23,14 +23,16 @@ Kept: the network's weights under their plain names, with the wrappers' prefixes
 checkpointing's `_fsdp_wrapped_module.` / `_checkpoint_wrapped_module.` anywhere in a name). Everything
 else in the checkpoint (optimizer, schedule, loops, data position) is left out.
 
-EMA (vdm has none yet; whichever of these a future EMA uses is exported under `ema.<name>`):
+EMA, exported under `ema.<name>`:
+  * vdm's own: the top-level entry "ema" = {"weights": {name: fp32 tensor}, "num_updates": n} that
+    VideoDiffusion.on_save_checkpoint writes (in a DeepSpeed directory, in the client state); or
   * a top-level checkpoint entry "ema_state_dict" (in a DeepSpeed directory: the client state in the
     model-states file, which is where Lightning puts a callback's or module's on_save_checkpoint entries;
     in a DCP directory an entry of meta.pt), a dict of tensors named like the network's, optionally
     prefixed `net.` (or `module.` as torch.optim.swa_utils.AveragedModel names them); or
   * state-dict keys `ema.net.<name>` (or `ema.module.<name>`, `ema.<name>`): an EMA copy registered as a
     submodule `ema` of the LightningModule. AveragedModel's `n_averaged` counter is dropped.
-  If both exist, "ema_state_dict" is used. The EMA must cover exactly the network's names and shapes.
+  If both exist, the top-level entry is used. The EMA must cover exactly the network's names and shapes.
   Under DeepSpeed a frozen EMA submodule is stored in the training dtype (e.g. bf16), not in fp32.
 
 The model config is the `model` section of the run's resolved config (`--config`, by default
@@ -118,6 +120,16 @@ def deepspeed_dirs(path: Path) -> tuple[Path, str] | None:
     return None
 
 
+def ema_entry(container) -> dict | None:
+    """The EMA weights a checkpoint's top level holds: vdm's {"ema": {"weights": ...}} or an "ema_state_dict"."""
+    if not isinstance(container, dict):
+        return None
+    vdm_ema = container.get("ema")
+    if isinstance(vdm_ema, dict) and isinstance(vdm_ema.get("weights"), dict):
+        return vdm_ema["weights"]
+    return container.get(EMA_ENTRY)
+
+
 def read_lightning(path: Path) -> dict:
     checkpoint, weights_only = torch_load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -125,7 +137,7 @@ def read_lightning(path: Path) -> dict:
     return {
         "layout": "lightning",
         "state_dict": checkpoint["state_dict"],
-        "ema_entry": checkpoint.get(EMA_ENTRY),
+        "ema_entry": ema_entry(checkpoint),
         "step": checkpoint.get("global_step"),
         "read": f"torch.load(weights_only={weights_only})",
     }
@@ -158,7 +170,7 @@ def read_deepspeed(root: Path, tag: str) -> dict:
         "layout": f"DeepSpeed ZeRO checkpoint ({len(optim_files)} rank{'s' if len(optim_files) > 1 else ''}, "
         f"tag {tag!r}, fp32 consolidated with zero_to_fp32)",
         "state_dict": state_dict,
-        "ema_entry": client.get(EMA_ENTRY) if isinstance(client, dict) else None,
+        "ema_entry": ema_entry(client),
         "step": client.get("global_step") if isinstance(client, dict) else None,
         "read": f"zero_to_fp32; client state with torch.load(weights_only={weights_only})",
     }
@@ -187,7 +199,7 @@ def read_distributed_checkpoint(path: Path) -> dict:
     return {
         "layout": f"torch distributed checkpoint ({shards} shard file{'s' if shards > 1 else ''}, reassembled)",
         "state_dict": state_dict,
-        "ema_entry": extra.get(EMA_ENTRY) if isinstance(extra, dict) else None,
+        "ema_entry": ema_entry(extra),
         "step": extra.get("global_step") if isinstance(extra, dict) else None,
         "read": f"torch.distributed.checkpoint; meta.pt with torch.load(weights_only={weights_only})",
     }

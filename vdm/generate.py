@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vdm.diffusion import classifier_free_guidance, sample_euler
+from vdm.diffusion import SAMPLERS, classifier_free_guidance
 
 
 @torch.no_grad()
@@ -17,18 +18,21 @@ def generate(
     net: nn.Module,
     text_encoder,
     autoencoder,
+    objective,
     prompts: list[str],
     *,
     num_frames: int,
     size: int,
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-    shift: float = 1.0,
+    settings: SamplingSettings,
 ) -> Tensor:
-    """One clip per prompt -> (N, C, T, H, W) float in [-1, 1]. The same seed gives the same videos."""
+    """One clip per prompt -> (N, C, T, H, W) float in [-1, 1]. The same seed gives the same videos.
+
+    `objective` (vdm.diffusion) decides what the network's output means and how to sample it; every
+    random draw (the starting noise, then an ancestral sampler's) comes from one generator seeded
+    with settings.seed.
+    """
     device = next(net.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     latent_size = size // autoencoder.spatial_factor
     latent_frames = num_frames // autoencoder.temporal_factor
     noise = torch.randn(
@@ -39,11 +43,13 @@ def generate(
         latent_size,
         generator=generator,
         device=device,
-    )
+    )  # (N, C, T, H, W) latents at t = 1
     cond = text_encoder.encode(prompts)
     uncond = text_encoder.encode([""] * len(prompts))
-    velocity_fn = classifier_free_guidance(net, cond, uncond, guidance_scale)
-    latents = sample_euler(velocity_fn, noise, steps, shift=shift, generator=generator)
+    model_fn = classifier_free_guidance(net, cond, uncond, settings.guidance_scale, settings.guidance_interval)
+    latents = objective.sample(
+        model_fn, noise, steps=settings.steps, sampler=settings.sampler, generator=generator, shift=settings.shift
+    )
     return autoencoder.decode(latents).clamp(-1, 1)
 
 
@@ -71,17 +77,37 @@ def grid(frames: np.ndarray, columns: int, upscale: int = 1, pad: int = 2) -> np
 
 @dataclass
 class SamplingSettings:
-    """Which videos a run generates to show its progress."""
+    """Which videos a run generates to show its progress, and how they are sampled."""
 
     prompts: list[str] = field(default_factory=list)
-    steps: int = 25  # Euler steps
+    steps: int = 25  # sampler steps (Heun evaluates the network 2 steps - 1 times)
+    sampler: str | None = None  # euler or heun (flow), ddim or ddpm (DDPM); None: the objective's default
     guidance_scale: float = 5.0  # classifier-free guidance; 1.0 turns it off
-    shift: float = 1.0  # > 1 spends more steps at high noise
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [low, high]
+    # (Kynkäänniemi et al. 2024); t = 1 is noise, so [0.0, 0.7] skips guidance at the highest noise levels
+    shift: float | None = None  # time shift of the sampling grid; None: the objective's own rule
     seed: int = 0
     fps: float = 4.0
+    weights: str = "ema"  # ema (the raw weights while a run has no EMA), raw, or both: EMA and raw side by side
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (got {self.steps})")
-        if self.fps <= 0:
-            raise ValueError(f"fps must be > 0 (got {self.fps})")
+        if not isinstance(self.prompts, list) or not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError(f"prompts must be a list of strings (got {self.prompts!r})")
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1 (got {self.steps!r})")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be null or one of {', '.join(SAMPLERS)} (got {self.sampler!r})")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (got {self.guidance_scale!r})")
+        interval = list(self.guidance_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"guidance_interval must be [low, high] with 0 <= low <= high <= 1 (got {interval!r})")
+        self.guidance_interval = [float(v) for v in interval]
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be null or > 0 (got {self.shift!r})")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int (got {self.seed!r})")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be > 0 (got {self.fps!r})")
+        if self.weights not in ("ema", "raw", "both"):
+            raise ValueError(f"weights must be ema, raw or both (got {self.weights!r})")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from vdm.generate import SamplingSettings, generate
+from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
 from vdm.training.seeding import generator_for
 from vdm.types import TextCond, VideoBatch
@@ -34,6 +38,7 @@ class VideoDiffusion(L.LightningModule):
         seed: int = 0,
         caption_dropout: float = 0.1,
         parallelize=None,
+        ema: EMA | None = None,
     ):
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
@@ -46,7 +51,15 @@ class VideoDiffusion(L.LightningModule):
         self.caption_dropout = caption_dropout
         self.__dict__["text_encoder"] = text_encoder  # not a submodule: see the class docstring
         self.parallelize = parallelize  # (net, device_mesh) -> net: sharding applied from outside (FSDP2)
+        self.ema = ema if ema is not None and ema.enabled else None
         self.step_metrics: dict[str, Tensor] = {}
+        # what the last optimizer step saw, for the callbacks (metrics per timestep, the non-finite guard)
+        self.step_timesteps: Tensor | None = None  # (B,) t of each clip, 0 data .. 1 noise
+        self.step_losses: Tensor | None = None  # (B,) per-clip loss
+        self.step_keys: list[str] = []  # sample keys of this rank's batches since the last optimizer step
+        self.step_losses_finite = True  # this rank's losses since the last optimizer step were all finite
+        self.step_applied = True  # the last optimizer step changed the weights (False: skipped, non-finite)
+        self.step_finished = True
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
@@ -55,6 +68,8 @@ class VideoDiffusion(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.text_encoder.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
 
     def encode_text(self, captions: list[str]) -> TextCond:
         return self.text_encoder.encode(captions)
@@ -63,8 +78,16 @@ class VideoDiffusion(L.LightningModule):
         # every random draw of this step comes from (seed, rank, step): resumed runs draw the same
         generator = generator_for(self.device, self.seed, self.global_rank, self.global_step)
         captions = self.drop_captions(batch.captions, generator)
+        if self.step_finished:
+            self.step_keys, self.step_losses_finite, self.step_finished = [], True, False
         x0 = self.autoencoder.encode(batch.pixels())
-        loss = self.objective(self.net, x0, self.encode_text(captions), generator).mean()
+        t, noise = self.objective.draw(x0, generator)
+        losses = self.objective.loss_at(self.net, x0, self.encode_text(captions), t, noise)  # (B,)
+        loss = losses.mean()
+        self.step_timesteps, self.step_losses = t.detach(), losses.detach()
+        self.step_keys += list(batch.keys)
+        # one host sync per micro-batch: cheap next to a step, and it names the rank whose batch went bad
+        self.step_losses_finite &= bool(torch.isfinite(loss))
         self.step_metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
@@ -76,13 +99,72 @@ class VideoDiffusion(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if is_deepspeed(self.trainer.strategy):
-            return  # DeepSpeed clips inside its step (gradient_clipping in its config); the norm is read after it
+            # DeepSpeed clips inside its step (gradient_clipping in its config) and skips a step whose gradient
+            # norm is not finite on any rank by itself; the norm and the skip are read after it
+            return
         # clip_grad_norm_ returns the norm before clipping: log it whether or not clipping is on
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        self.step_metrics["grad_norm"] = (
-            norm.detach().float().full_tensor() if hasattr(norm, "full_tensor") else norm.detach()
-        )
+        norm = norm.detach().float().full_tensor() if hasattr(norm, "full_tensor") else norm.detach()
+        self.step_metrics["grad_norm"] = norm
+        # The norm is of the all-reduced gradients, the same on every rank; the local losses are not, so the
+        # ranks vote: one rank's NaN skips the step everywhere, and the replicas stay equal.
+        bad = torch.tensor(float(not (torch.isfinite(norm) and self.step_losses_finite)), device=self.device)
+        if self.trainer.strategy.reduce(bad, reduce_op="sum").item() > 0:
+            for param in self.net.parameters():
+                param.grad = None  # the optimizer leaves parameters without gradient (and their states) alone
+            self.step_applied = False
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self.step_applied = True  # until the clipping hook or DeepSpeed says otherwise
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        skipped_before = engine.skipped_steps if engine is not None else 0
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if engine is not None and engine.skipped_steps != skipped_before:
+            self.step_applied = False
+        if self.step_applied and self.ema is not None:
+            self.ema.step(self.net.named_parameters(), self.global_step)
+        self.step_finished = True  # the next micro-batch starts a new step's keys and vote
+
+    @contextmanager
+    def eval_weights(self, ema: bool = True):
+        """The network to sample and evaluate with: its EMA weights when it has them and `ema`, else its own."""
+        if ema and self.ema is not None:
+            with self.ema.swapped_in(self.net) as net:
+                yield net
+        else:
+            yield self.net
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], *, num_frames: int, size: int, settings: SamplingSettings, ema: bool = True
+    ) -> Tensor:
+        """One clip per prompt, (N, C, T, H, W) in [-1, 1], with the EMA weights when `ema` and there are some.
+
+        The caller sets eval mode and the precision context; every rank must call it under sharded strategies.
+        """
+        with self.eval_weights(ema) as net:
+            return generate(
+                net,
+                self.text_encoder,
+                self.autoencoder,
+                self.objective,
+                prompts,
+                num_frames=num_frames,
+                size=size,
+                settings=settings,
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is None:
+            return
+        if "ema" not in checkpoint:
+            raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA (ema.enabled=false to go on)")
+        self.ema.load_state_dict(checkpoint["ema"])
 
     def configure_optimizers(self):
         optimizer, scheduler = self.optim.build(p for p in self.net.parameters() if p.requires_grad)

@@ -1,0 +1,108 @@
+"""Exponential moving average of the network's weights (pure PyTorch; the module drives it).
+
+ema <- decay_n * ema + (1 - decay_n) * weights after each optimizer step that was applied, with
+decay_n = min(decay, (1 + n) / (10 + n)) during warm-up (n = updates so far; the schedule of
+TensorFlow's ExponentialMovingAverage num_updates and diffusers' EMAModel), so that an early EMA is
+not dominated by the random initialization.
+
+The EMA is kept in float32 whatever the weights' dtype (DeepSpeed casts the module to bf16; a bf16
+average would lose every update smaller than its 8-bit mantissa can hold at decay 0.9999).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """Settings and state of one EMA.
+
+    decay: the long-run decay per optimizer step. warmup: ramp the decay as above.
+    update_every: update every k applied steps, with decay^k, so that the averaging horizon in steps
+    does not depend on k. start_step: the EMA starts as a copy of the weights at this step.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        update_every: int = 1,
+        start_step: int = 0,
+    ):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1) (decay={decay!r})")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1 (update_every={update_every!r})")
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0 (start_step={start_step!r})")
+        self.enabled, self.decay, self.warmup = enabled, float(decay), warmup
+        self.update_every, self.start_step = update_every, start_step
+        self.weights: dict[str, Tensor] = {}  # parameter name -> float32 average
+        self.num_updates = 0
+
+    def decay_at(self, num_updates: int) -> float:
+        """The decay of the update that follows `num_updates` earlier ones, per optimizer step."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + num_updates) / (10 + num_updates))
+
+    @torch.no_grad()
+    def step(self, named_parameters: Iterable[tuple[str, Tensor]], step: int) -> bool:
+        """Called after optimizer step `step` (1-based) was applied; returns whether the EMA changed."""
+        if not self.enabled or step < self.start_step:
+            return False
+        named = list(named_parameters)
+        if not self.weights:  # the first update: a copy
+            self.weights = {name: p.detach().float().clone() for name, p in named}
+            return True
+        if (step - self.start_step) % self.update_every:
+            return False
+        weight = 1.0 - self.decay_at(self.num_updates) ** self.update_every
+        averages = [self.weights[name] for name, _ in named]
+        torch._foreach_lerp_(averages, [p.detach().float() for _, p in named], weight)
+        self.num_updates += 1
+        return True
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        self.weights = {name: w.to(device=device, dtype=torch.float32) for name, w in state["weights"].items()}
+        self.num_updates = int(state["num_updates"])
+
+    def to(self, device: torch.device) -> EMA:
+        self.weights = {name: w.to(device) for name, w in self.weights.items()}
+        return self
+
+    @contextmanager
+    def swapped_in(self, net: nn.Module) -> Iterator[nn.Module]:
+        """`net` with the EMA weights in place of its own for the duration (sampling, evaluation).
+
+        Without EMA weights yet (EMA off, or before start_step) the net is used as it is.
+        """
+        if not self.weights:
+            yield net
+            return
+        params = dict(net.named_parameters())
+        backup = {}
+        with torch.no_grad():
+            for name, average in self.weights.items():
+                backup[name] = params[name].detach().clone()
+                params[name].copy_(average)
+        try:
+            yield net
+        finally:
+            with torch.no_grad():
+                for name, saved in backup.items():
+                    params[name].copy_(saved)
+
+    def __repr__(self) -> str:
+        return (
+            f"EMA(enabled={self.enabled}, decay={self.decay}, warmup={self.warmup}, "
+            f"update_every={self.update_every}, start_step={self.start_step})"
+        )
