@@ -30,10 +30,16 @@ TINY = [
 TINY_NO_WANDB = [arg for arg in TINY if not arg.startswith("logger.")] + ["logger=none"]
 
 
-def train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def train(*args: str, cwd: Path = ROOT, **run_options) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **run_options,
     )
 
 
@@ -59,6 +65,11 @@ def test_train_writes_the_run_directory_then_resumes_it(tmp_path):
     assert all(math.isfinite(float(r["train/loss"])) and float(r["clips_per_sec"]) > 0 for r in trained)
     assert all(float(r["grad_norm"]) > 0 for r in trained)
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [0, 3, 6]
+    # the Moving Digits evaluation (conf/evaluation/moving_digits.yaml) scores 80 generated clips at the end
+    scored = [r for r in rows if r["eval/digit_acc"]]
+    assert [int(r["step"]) for r in scored] == [6]
+    assert all(0.0 <= float(scored[0][k]) <= 1.0 for k in ("eval/digit_acc", "eval/motion_acc"))
+    assert "over 80 prompts" in first.stdout + first.stderr
 
     samples = run / "samples"
     assert (samples / "step-000000006.txt").read_text().splitlines() == [
@@ -104,7 +115,12 @@ def test_cfg_job_prints_the_resolved_config():
 
 
 @pytest.mark.slow
-def test_a_stopped_and_resumed_run_continues_exactly_like_an_uninterrupted_one(tmp_path):
+def test_a_run_killed_in_the_middle_of_a_save_resumes_exactly_like_an_uninterrupted_one(tmp_path):
+    """SIGKILL while the step-6 checkpoint is being written: the same command resumes from step 3, drops the
+    half-written file and ends with the losses, weights, optimizer and EMA of the uninterrupted run, bit for bit."""
+    import signal
+    import time
+
     import torch
 
     common = [
@@ -112,27 +128,66 @@ def test_a_stopped_and_resumed_run_continues_exactly_like_an_uninterrupted_one(t
         *TINY_NO_WANDB,
         "trainer.log_every_n_steps=1",
         "trainer.eval_every_n_steps=0",
-        "trainer.checkpoint_every_n_steps=0",
+        "trainer.checkpoint_every_n_steps=3",
+        "trainer.keep_last_checkpoints=5",
         "sampling.prompts=[]",
+        "evaluation=none",
         "data.num_workers=1",
+        "ema.decay=0.9",
     ]
     whole = train("name=whole", "trainer.max_steps=8", *common)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    for max_steps in (4, 8):  # stop at 4 (a final checkpoint), then the same command continues to 8
-        part = train("name=parts", f"trainer.max_steps={max_steps}", *common)
-        assert part.returncode == 0, part.stderr[-3000:]
+
+    # The step-6 checkpoint is made a pipe as soon as the run has cleared stale partial saves (it writes its
+    # config.yaml right after): writing it blocks half way, mid-save, until this test reads a little of it
+    # and kills the writer. Step 3's save goes through untouched.
+    checkpoints = tmp_path / "parts" / "checkpoints"
+    args = [sys.executable, str(ROOT / "train.py"), "name=parts", "trainer.max_steps=8", *common]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "parts" / "config.yaml").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        pipe = checkpoints / "step-000000006.ckpt.partial"
+        os.mkfifo(pipe)
+        reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+        received = b""
+        while len(received) < 4096:  # the writer is in the middle of the checkpoint
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                received += os.read(reader, 4096)
+            except BlockingIOError:
+                time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        os.close(reader)
+    finally:
+        process.kill()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000000003.ckpt", "step-000000006.ckpt.partial"]
+
+    resumed = train("name=parts", "trainer.max_steps=8", *common)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "step-000000006.ckpt.partial, a checkpoint whose save did not finish" in output
+    assert "resuming from" in output and "step-000000003.ckpt" in output
 
     def losses(name):
         return {int(r["step"]): r["train/loss"] for r in metric_rows(tmp_path / name) if r["train/loss"]}
 
     assert losses("parts") == losses("whole") and len(losses("whole")) == 8
 
-    def weights(name):
+    def final(name):
         checkpoint = torch.load(tmp_path / name / "checkpoints" / "step-000000008.ckpt", weights_only=False)
-        return checkpoint["state_dict"]
+        optimizer = checkpoint["optimizer_states"][0]["state"]
+        return {
+            **{f"net.{k}": v for k, v in checkpoint["state_dict"].items()},
+            **{f"ema.{k}": v for k, v in checkpoint["ema"]["weights"].items()},
+            **{f"adam.{i}.{k}": v for i, state in optimizer.items() for k, v in state.items()},
+        }
 
-    final_whole, final_parts = weights("whole"), weights("parts")
-    assert final_whole.keys() == final_parts.keys()
+    final_whole, final_parts = final("whole"), final("parts")
+    assert final_whole.keys() == final_parts.keys() and any(k.startswith("ema.") for k in final_whole)
     assert all(torch.equal(final_whole[k], final_parts[k]) for k in final_whole)
 
 
@@ -146,6 +201,7 @@ def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_e
         "trainer.eval_every_n_steps=0",
         "model.patch_size=[1,4,4]",
         "sampling.prompts=[]",
+        "evaluation=none",
     ]
     image = train("name=image", "trainer.max_steps=3", "model.temporal=false", *common)
     assert image.returncode == 0, image.stderr[-3000:]
@@ -168,7 +224,10 @@ def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_e
     strict = train("name=strict", "trainer.max_steps=1", f"init_from={weights}", *common)
     assert strict.returncode == 2 and "init_from" in strict.stderr  # the temporal layers are not in the file
 
-    video = train("name=video", "trainer.max_steps=1", f"init_from={weights}", "init_strict=false", *common)
+    # the image run's held-out loss is measured with its EMA weights: start from those
+    video = train(
+        "name=video", "trainer.max_steps=1", f"init_from={weights}", "init_strict=false", "init_ema=true", *common
+    )
     assert video.returncode == 0, video.stderr[-3000:]
 
     def held_out(name):
@@ -189,6 +248,7 @@ def test_checkpoints_keep_the_last_k_and_every_mth_and_an_unfinished_save_is_not
         "trainer.keep_last_checkpoints=2",
         "trainer.keep_every_n_steps=2",
         "sampling.prompts=[]",
+        "evaluation=none",
     ]
     result = train(*args, "trainer.max_steps=5")
     assert result.returncode == 0, result.stderr[-3000:]

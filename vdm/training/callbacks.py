@@ -1,4 +1,4 @@
-"""Callbacks: checkpoints, the metrics file, held-out loss, sample videos."""
+"""Callbacks: checkpoints, the metrics file, held-out loss, sample videos (training metrics: throughput.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ import torch
 
 from vdm.data import VideoData
 from vdm.data.video import encode_gif, encode_mp4
-from vdm.generate import SamplingSettings, generate, grid, to_uint8_frames
+from vdm.generate import SamplingSettings, grid, to_uint8_frames
+from vdm.training.checkpoint_io import fsync_directory
+from vdm.training.nonfinite import check_finite_weights
 from vdm.training.run_dir import RunDir
 from vdm.training.seeding import generator_for
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, ...); the previous complete one is untouched."""
 
 
 class Checkpointing(L.Callback):
@@ -49,12 +55,40 @@ class Checkpointing(L.Callback):
         step = trainer.global_step
         if step == self.last_saved_step:
             return
+        check_finite_weights(trainer, trainer.lightning_module, step)
         final = self.run_dir.checkpoint_path(step)
         partial = final.with_name(final.name + ".partial")
-        trainer.save_checkpoint(partial, weights_only=False)  # collective: every rank takes part
+        # Trainer.save_checkpoint with the write guarded: a rank whose write fails must still meet the others at
+        # the barrier they wait in (the checkpoint state is collected from every rank; under DDP rank 0 writes)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        error = None
+        try:
+            trainer.strategy.save_checkpoint(checkpoint, partial)
+        except OSError as caught:  # a full disk (ENOSPC), a quota (EDQUOT), a file-size limit (EFBIG), ...
+            error = caught
+        del checkpoint
+        trainer.strategy.barrier("Trainer.save_checkpoint")
+        # the ranks agree on the outcome, so they stop together rather than some waiting forever for the others
+        flag = torch.tensor(float(error is not None), device=trainer.lightning_module.device)
+        failed = trainer.strategy.reduce(flag, reduce_op="sum").item() > 0
+        if failed:
+            if trainer.is_global_zero and partial.exists():
+                shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+            previous = self.run_dir.complete_checkpoints()
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written"
+                + (f" ({error})" if error is not None else " (on another rank)")
+                + "; "
+                + (
+                    f"{previous[-1][1]} is intact and the same command resumes from it"
+                    if previous
+                    else "there is no earlier checkpoint"
+                )
+            ) from error
         trainer.strategy.barrier("checkpoint-written")
         if trainer.is_global_zero:
             os.replace(partial, final)
+            fsync_directory(final.parent)
             for old_step, old in self.run_dir.complete_checkpoints()[: -self.keep_last]:
                 if self.keep_every and old_step % self.keep_every == 0:
                     continue  # a milestone: kept for good
@@ -77,7 +111,13 @@ class MetricsLog(L.Callback):
     when the next step is logged, at each checkpoint and at the end.
     """
 
-    COLUMNS = ("step", "train/loss", "val/loss", "lr", "grad_norm", "clips_per_sec", "data_wait")
+    COLUMNS = (  # the columns added later come last, so older files keep the positions of theirs
+        *("step", "train/loss", "val/loss", "lr", "grad_norm", "clips_per_sec", "data_wait"),
+        *("tokens_per_sec", "mfu", "peak_gpu_mem_gb"),
+        *("train/loss_t0", "train/loss_t1", "train/loss_t2", "train/loss_t3"),
+        *("nonfinite_steps",),
+        *("eval/digit_acc", "eval/motion_acc"),
+    )
 
     def __init__(self, path: Path):
         self.path = path
@@ -132,54 +172,19 @@ class MetricsLog(L.Callback):
             self.flush()
 
 
-class TrainMetrics(L.Callback):
-    """Loss, learning rate, gradient norm, clips per second and the share of step time spent waiting for data.
-
-    A step's time is its compute (batch start to batch end) plus the wait for its batch (from the end
-    of the previous step's callbacks to this batch's start). Held-out evaluation, sampling and
-    checkpoints run inside callbacks, so they count in neither.
-    """
-
-    def __init__(self, metrics_log: MetricsLog, every_n_steps: int):
-        self.metrics_log, self.every_n_steps = metrics_log, every_n_steps
-        self.clips, self.compute_seconds, self.wait_seconds = 0, 0.0, 0.0
-        self.batch_start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batch_start = time.perf_counter()
-        if self.metrics_log.callbacks_done_at is not None:
-            self.wait_seconds += self.batch_start - self.metrics_log.callbacks_done_at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.compute_seconds += time.perf_counter() - self.batch_start
-        self.clips += len(batch) * trainer.world_size
-        step = trainer.global_step
-        if step % self.every_n_steps != 0:
-            return
-        engine = getattr(trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and engine.get_global_grad_norm() is not None:  # DeepSpeed clips inside its step
-            pl_module.step_metrics["grad_norm"] = torch.as_tensor(float(engine.get_global_grad_norm()))
-        # every rank takes part in the reduction; only rank 0 writes
-        values = {
-            k: trainer.strategy.reduce(v.float(), reduce_op="mean").item() for k, v in pl_module.step_metrics.items()
-        }
-        elapsed = self.compute_seconds + self.wait_seconds
-        values["clips_per_sec"] = self.clips / elapsed
-        values["data_wait"] = self.wait_seconds / elapsed
-        self.metrics_log.write(trainer, step, values)
-        self.clips, self.compute_seconds, self.wait_seconds = 0, 0.0, 0.0
-
-
 class HeldOutLoss(L.Callback):
     """The objective on a fixed set of held-out clips, at fixed timesteps and noise.
 
     Fixed t (a stratified grid over (0, 1)) and fixed noise remove the sampling noise of the
     training loss, so values at different steps compare directly. Computed at step 0, every
-    `every_n_steps` and at the end.
+    `every_n_steps` and at the end. With an EMA, the EMA weights are the ones evaluated.
     """
 
-    def __init__(self, data: VideoData, metrics_log: MetricsLog, every_n_steps: int, seed: int = 1234):
+    def __init__(
+        self, data: VideoData, metrics_log: MetricsLog, every_n_steps: int, seed: int = 1234, ema: bool = True
+    ):
         self.data, self.metrics_log, self.every_n_steps, self.seed = data, metrics_log, every_n_steps, seed
+        self.ema = ema  # evaluate the EMA weights when the run keeps an EMA
         self.batches: list | None = None
         self.last_step = -1
         self.history: list[tuple[int, float]] = []  # (step, held-out loss)
@@ -215,9 +220,25 @@ class HeldOutLoss(L.Callback):
         self.last_step = trainer.global_step
         was_training = pl_module.net.training
         pl_module.net.eval()
-        total, count = 0.0, 0
         batches = self.held_out_batches()
         num_clips = sum(len(b) for b in batches)
+        with pl_module.eval_weights(self.ema):
+            total, count = self.total_loss(trainer, pl_module, batches, num_clips)
+        pl_module.net.train(was_training)
+        value = total / count
+        self.history.append((trainer.global_step, value))
+        self.metrics_log.write(trainer, trainer.global_step, {"val/loss": value})
+        log.info(
+            "step %d: held-out loss %.5f over %d clips%s",
+            trainer.global_step,
+            value,
+            count,
+            " (EMA weights)" if self.ema and pl_module.ema is not None else "",
+        )
+        return value
+
+    def total_loss(self, trainer, pl_module, batches: list, num_clips: int) -> tuple[float, int]:
+        total, count = 0.0, 0
         for index, batch in enumerate(batches):
             batch = batch.to(pl_module.device)
             x0 = pl_module.autoencoder.encode(batch.pixels())
@@ -228,12 +249,7 @@ class HeldOutLoss(L.Callback):
                 losses = pl_module.objective.loss_at(pl_module.net, x0, pl_module.encode_text(batch.captions), t, noise)
             total += losses.float().sum().item()
             count += len(batch)
-        pl_module.net.train(was_training)
-        value = total / count
-        self.history.append((trainer.global_step, value))
-        self.metrics_log.write(trainer, trainer.global_step, {"val/loss": value})
-        log.info("step %d: held-out loss %.5f over %d clips", trainer.global_step, value, count)
-        return value
+        return total, count
 
 
 class SampleVideos(L.Callback):
@@ -273,23 +289,17 @@ class SampleVideos(L.Callback):
         self.last_step = trainer.global_step
         was_training = pl_module.net.training
         pl_module.net.eval()
+        columns = self.columns
         with trainer.precision_plugin.forward_context():
-            video = generate(
-                pl_module.net,
-                pl_module.text_encoder,
-                pl_module.autoencoder,
-                settings.prompts,
-                num_frames=self.num_frames,
-                size=self.size,
-                steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                seed=settings.seed,
-                shift=settings.shift,
-            )
+            shape = {"num_frames": self.num_frames, "size": self.size, "settings": settings}
+            video = pl_module.sample(settings.prompts, **shape, ema=settings.weights != "raw")
+            if settings.weights == "both":  # each row: a prompt's EMA clip, then its raw-weights clip
+                raw = pl_module.sample(settings.prompts, **shape, ema=False)
+                video, columns = torch.stack([video, raw], dim=1).flatten(0, 1), 2
         pl_module.net.train(was_training)
         if not trainer.is_global_zero:
             return None
-        frames = grid(to_uint8_frames(video), self.columns, self.upscale)
+        frames = grid(to_uint8_frames(video), columns, self.upscale)
         stem = self.run_dir.samples / f"step-{trainer.global_step:09d}"
         fps = max(1, round(settings.fps))
         stem.with_suffix(".mp4").write_bytes(encode_mp4(frames, fps))

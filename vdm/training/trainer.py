@@ -26,12 +26,19 @@ class TrainerSettings:
     keep_last_checkpoints: int = 2
     keep_every_n_steps: int = 0  # > 0: also keep every checkpoint whose step is a multiple of this, for good
     sample_every_n_steps: int = 0  # 0: sample videos at the end only
+    max_nonfinite_steps_in_row: int = 5  # optimizer steps skipped for a non-finite loss/gradient before the run stops
     progress_bar: bool = True
 
     def __post_init__(self):
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
-        for name in ("log_every_n_steps", "keep_last_checkpoints", "num_nodes", "accumulate_grad_batches"):
+        for name in (
+            "log_every_n_steps",
+            "keep_last_checkpoints",
+            "num_nodes",
+            "accumulate_grad_batches",
+            "max_nonfinite_steps_in_row",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in (
@@ -65,7 +72,9 @@ class TrainerSettings:
         return per_node * self.num_nodes
 
     def build(self, callbacks: list[L.Callback], logger, strategy="auto") -> L.Trainer:
-        plugins = []
+        from vdm.training.checkpoint_io import DirectCheckpointIO
+
+        plugins = [DirectCheckpointIO()]
         if os.environ.get("SLURM_NTASKS") and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
             # vdm.training.preemption checkpoints and requeues on SIGUSR1/SIGTERM; Lightning's own
             # requeue (which saves elsewhere) stays off
@@ -78,7 +87,7 @@ class TrainerSettings:
             devices=self.devices,
             num_nodes=self.num_nodes,
             strategy=strategy,
-            plugins=plugins or None,
+            plugins=plugins,
             accumulate_grad_batches=self.accumulate_grad_batches,
             precision=self.resolved_precision(),
             gradient_clip_val=self.gradient_clip or None,

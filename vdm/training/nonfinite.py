@@ -1,0 +1,117 @@
+"""Non-finite losses and gradients: skipped steps are counted and recorded; too many in a row stop the run.
+
+The skip itself happens in the module (VideoDiffusion.configure_gradient_clipping; DeepSpeed skips by
+itself): every rank skips the same step, so the replicas stay equal. This callback does the
+bookkeeping, after the step, on every rank together:
+
+- each skipped step is appended to runs/<name>/nonfinite.jsonl with every rank's sample keys and
+  whether that rank's own loss was finite (the rank whose batch went bad is the one with false);
+- the running count is logged as `nonfinite_steps` and kept in checkpoints;
+- `patience` skipped steps in a row raise NonFiniteTraining: the weights stay those of the last good
+  step and the run stops with its own message and exit status (train.py).
+
+A checkpoint is never written with non-finite weights: see `check_finite_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from vdm.training.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTraining(RuntimeError):
+    """The run cannot go on: non-finite losses or gradients kept coming, or the weights themselves went bad."""
+
+
+class NonFiniteGuard(L.Callback):
+    def __init__(self, run_dir: RunDir, metrics_log, patience: int):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 (got {patience})")
+        self.run_dir, self.metrics_log, self.patience = run_dir, metrics_log, patience
+        self.total, self.in_row = 0, 0
+        self.last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self.last_step or not pl_module.step_finished:  # mid accumulation: no optimizer step yet
+            return
+        self.last_step = step
+        if pl_module.step_applied:
+            self.in_row = 0
+            return
+        self.total += 1
+        self.in_row += 1
+        record = {
+            "step": step,
+            "ranks": _gather(
+                {"rank": trainer.global_rank, "loss_finite": pl_module.step_losses_finite, "keys": pl_module.step_keys}
+            ),
+        }
+        if trainer.is_global_zero:
+            with open(self.run_dir.path / "nonfinite.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+            bad = [r for r in record["ranks"] if not r["loss_finite"]]
+            log.warning(
+                "step %d skipped: non-finite %s (%d in a row, %d in all); %s",
+                step,
+                "loss" if bad else "gradients",
+                self.in_row,
+                self.total,
+                "; ".join(f"rank {r['rank']} keys {r['keys']}" for r in (bad or record["ranks"])),
+            )
+        self.metrics_log.write(trainer, step, {"nonfinite_steps": float(self.total)})
+        if self.in_row >= self.patience:
+            raise NonFiniteTraining(
+                f"stopped at step {step}: {self.in_row} optimizer steps in a row had a non-finite loss or gradient "
+                f"(limit trainer.max_nonfinite_steps_in_row={self.patience}); the weights are those of step "
+                f"{step - self.in_row}; the skipped batches are listed in {self.run_dir.path / 'nonfinite.jsonl'}"
+            )
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "in_row": self.in_row}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.total, self.in_row = int(state_dict["total"]), int(state_dict["in_row"])
+
+
+def _gather(item: dict) -> list[dict]:
+    """`item` from every rank, in rank order (only on skipped steps: rare, so an object collective is fine)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [item]
+    items: list = [None] * dist.get_world_size()
+    dist.all_gather_object(items, item)
+    return items
+
+
+def count_nonfinite(tensors) -> int:
+    """Non-finite elements in this rank's part of `tensors` (ZeRO-3 partitions, DTensor shards, plain tensors)."""
+    count = 0
+    for tensor in tensors:
+        if hasattr(tensor, "ds_tensor"):
+            tensor = tensor.ds_tensor
+        elif hasattr(tensor, "to_local"):
+            tensor = tensor.to_local()
+        count += int((~torch.isfinite(tensor.detach())).sum())
+    return count
+
+
+def check_finite_weights(trainer: L.Trainer, pl_module, step: int) -> None:
+    """Raise NonFiniteTraining on every rank if any rank holds a non-finite weight (or EMA weight)."""
+    tensors = list(pl_module.net.parameters())
+    if pl_module.ema is not None:
+        tensors += list(pl_module.ema.weights.values())
+    local = torch.tensor(float(count_nonfinite(tensors)), device=pl_module.device)
+    total = int(trainer.strategy.reduce(local, reduce_op="sum").item())
+    if total:
+        raise NonFiniteTraining(
+            f"refusing to write the checkpoint of step {step}: {total} weights are not finite; the previous "
+            "checkpoint is intact"
+        )
