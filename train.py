@@ -6,6 +6,7 @@ whole config has been checked and built; a bad key or value stops here with its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -22,20 +23,38 @@ from vdm.config_check import ConfigError, check_config
 from vdm.models.weights import load_into
 from vdm.training.callbacks import (
     Checkpointing,
+    CheckpointWriteError,
     HeldOutLoss,
     MetricsLog,
     SampleVideos,
     ShardingReport,
     StreamPosition,
-    TrainMetrics,
 )
 from vdm.training.datamodule import VideoDataModule
 from vdm.training.module import VideoDiffusion
+from vdm.training.nonfinite import NonFiniteGuard, NonFiniteTraining
 from vdm.training.preemption import Preemption
+from vdm.training.quality import MovingDigitsQuality
+from vdm.training.reshard import prepare_resume
 from vdm.training.run_dir import CHECKPOINT, RunDir
+from vdm.training.throughput import TrainMetrics
 
 log = logging.getLogger("vdm")
-SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "logger", "sampling", "strategy")
+SECTIONS = (
+    "text",
+    "autoencoder",
+    "model",
+    "diffusion",
+    "data",
+    "optim",
+    "trainer",
+    "logger",
+    "sampling",
+    "strategy",
+    "ema",
+    "evaluation",
+)
+EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT_WRITE = 2, 3, 4
 
 
 def build(cfg: DictConfig, section: str, **supplied):
@@ -83,6 +102,8 @@ class Parts:
     logger: Any
     sampling: Any
     strategy: Any
+    ema: Any
+    evaluation: Any
 
 
 def assemble(cfg: DictConfig) -> Parts:
@@ -109,6 +130,8 @@ def assemble(cfg: DictConfig) -> Parts:
         init_from(net, config)
     parts = Parts(config, text_encoder, autoencoder, net, *(build(cfg, section) for section in SECTIONS[3:]))
     check_compatible(net, autoencoder, parts.data)
+    check_ema_strategy(parts.ema, parts.strategy)
+    check_sampler(parts.sampling, parts.objective)
     check_global_batch(parts.trainer, parts.data)
     return parts
 
@@ -145,6 +168,26 @@ def init_from(net, config: dict) -> None:
         )
 
 
+def check_sampler(sampling, objective) -> None:
+    """A sampler of another objective would fail only when the first videos are drawn, often at the end."""
+    if sampling.sampler is not None and sampling.sampler not in objective.samplers:
+        raise ConfigError(
+            f"sampling.sampler: {sampling.sampler!r} is not a sampler of {type(objective).__name__} "
+            f"(valid: {', '.join(objective.samplers)})"
+        )
+
+
+def check_ema_strategy(ema, strategy) -> None:
+    """The EMA is a full float32 copy of the weights on every rank: only where every rank holds all of them."""
+    sharded = getattr(strategy, "stage", None) == 3 or type(strategy).__name__ == "FSDP2"
+    if ema.enabled and sharded:
+        raise ConfigError(
+            f"ema.enabled: an EMA is not supported with {type(strategy).__name__}"
+            f"{' stage 3' if getattr(strategy, 'stage', None) == 3 else ''}, which shards the parameters "
+            "(a full EMA copy per rank would undo the sharding); use ema.enabled=false, or ZeRO-2/DDP"
+        )
+
+
 def check_global_batch(settings, data) -> int:
     """Clips per optimizer step over all ranks; checked against trainer.global_batch_size when that is set."""
     world_size = settings.world_size()
@@ -161,7 +204,7 @@ def check_global_batch(settings, data) -> int:
 def main(cfg: DictConfig) -> dict:
     parts = assemble(cfg)
     data, settings = parts.data, parts.trainer
-    run_dir = RunDir(Path(cfg.run_root) / cfg.name).create()
+    run_dir = RunDir(Path(str(cfg.run_root)) / str(cfg.name)).create()
     try:
         resume_from = run_dir.checkpoint_to_resume(cfg.resume)
     except (ValueError, FileNotFoundError) as error:
@@ -185,6 +228,7 @@ def main(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         caption_dropout=settings.caption_dropout,
         parallelize=parts.strategy.parallelize,
+        ema=parts.ema,
     )
     metrics_log = MetricsLog(run_dir.metrics)
     start_step = 0
@@ -193,11 +237,27 @@ def main(cfg: DictConfig) -> dict:
         if is_rank_zero:  # every rank rewriting the file at once can lose rows
             metrics_log.truncate_after(start_step)
     held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
+    quality = None
+    if parts.evaluation.enabled:
+        quality_settings = dataclasses.replace(parts.sampling, prompts=[], weights="ema")
+
+        def sample_for_quality(module, prompts):
+            shape = {"num_frames": data.num_frames, "size": data.size}
+            return module.sample(prompts, **shape, settings=quality_settings, ema=parts.sampling.weights != "raw")
+
+        quality = MovingDigitsQuality(
+            sample_for_quality,
+            metrics_log,
+            parts.evaluation.every_n_steps,
+            batch_size=parts.evaluation.batch_size,
+        )
     callbacks = [
         StreamPosition(),
         ShardingReport(run_dir),
         TrainMetrics(metrics_log, settings.log_every_n_steps),
+        NonFiniteGuard(run_dir, metrics_log, settings.max_nonfinite_steps_in_row),  # before a save at this step
         *([held_out] if held_out else []),
+        *([quality] if quality else []),
         SampleVideos(
             run_dir,
             parts.sampling,
@@ -211,8 +271,10 @@ def main(cfg: DictConfig) -> dict:
         preemption := Preemption(checkpointing),
         metrics_log,  # last: flushes what the others logged at this step
     ]
+    strategy = parts.strategy.build(settings.world_size(), data.batch_size)
+    prepare_resume(resume_from, settings.world_size(), strategy)  # on another number of processes: if it can
     logger = parts.logger.build(run_dir.path, cfg.name, parts.config) if is_rank_zero else None
-    trainer = settings.build(callbacks, logger, strategy=parts.strategy.build(settings.world_size(), data.batch_size))
+    trainer = settings.build(callbacks, logger, strategy=strategy)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
     log.info(
         "model: %.2fM parameters; global batch %d = %d clips x %d accumulated x %d processes",
@@ -236,6 +298,17 @@ def main(cfg: DictConfig) -> dict:
         (first_step, first), (last_step, last) = held_out.history[0], held_out.history[-1]
         summary |= {"held_out_first": (first_step, first), "held_out_last": (last_step, last)}
         log.info("held-out loss: %.4f at step %d -> %.4f at step %d", first, first_step, last, last_step)
+    if quality and quality.history:
+        step, figures = quality.history[-1]
+        summary |= {"digit_accuracy": figures["eval/digit_acc"], "motion_accuracy": figures["eval/motion_acc"]}
+        log.info(
+            "generated clips at step %d (%d prompts): digit accuracy %.1f%%, motion accuracy %.1f%% "
+            "(real held-out clips score 98%% and 100%%; chance is 10%% and 12.5%%)",
+            step,
+            len(quality.prompts),
+            100 * figures["eval/digit_acc"],
+            100 * figures["eval/motion_acc"],
+        )
     log.info("skipped samples: %s", data.skips.counts())
     if logger is not None and hasattr(logger, "experiment"):
         logger.experiment.finish()
@@ -248,7 +321,13 @@ def cli(cfg: DictConfig) -> None:
         main(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
+    except NonFiniteTraining as error:
+        print(f"non-finite training: {error}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
+    except CheckpointWriteError as error:
+        print(f"checkpoint write failed: {error}", file=sys.stderr)
+        sys.exit(EXIT_CHECKPOINT_WRITE)
 
 
 if __name__ == "__main__":

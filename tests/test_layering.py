@@ -14,6 +14,7 @@ PURE = [
     "text",
     "autoencoders",
     "data",
+    "evaluation",
     "types.py",
     "generate.py",
     "config_check.py",

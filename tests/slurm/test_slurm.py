@@ -28,6 +28,7 @@ TINY = [
     "data.num_workers=0",
     "data.eval_clips=8",
     "sampling.prompts=[]",
+    "evaluation=none",
 ]
 JOB_ENV = {"VDM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: one thread each
 

@@ -30,6 +30,7 @@ TINY = [
     "data.num_workers=0",
     "data.eval_clips=8",
     "sampling.prompts=[]",
+    "evaluation=none",
 ]
 MAX_STEPS = 200  # far more than the test lets it run
 

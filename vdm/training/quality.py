@@ -1,0 +1,114 @@
+"""Measured sample quality during training: digit and motion accuracy on Moving Digits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from vdm.evaluation.moving_digits import DigitClassifier, prompt_set, score, training_classifier
+from vdm.training.callbacks import MetricsLog
+
+log = logging.getLogger(__name__)
+
+# (pl_module, prompts) -> (N, C, T, H, W) float in [-1, 1], one clip per prompt, the same ones for the same
+# weights: e.g. a closure over vdm.generate.generate with the run's sampling settings.
+GenerateFn = Callable[[L.LightningModule, list[str]], Tensor]
+
+
+@dataclass
+class MovingDigitsEvaluation:
+    """Config of the Moving Digits evaluation (conf/evaluation): when it runs and how many clips at once."""
+
+    enabled: bool = True
+    every_n_steps: int = 0  # 0: at the last step only; each evaluation samples 80 clips
+    batch_size: int = 16  # prompts sampled together
+
+    def __post_init__(self):
+        if self.every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0 (got {self.every_n_steps})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+
+
+class MovingDigitsQuality(L.Callback):
+    """Generates a clip for each fixed prompt (vdm.evaluation.moving_digits.prompt_set: every digit x every
+    direction) and logs the share that draws the prompted digit (eval/digit_acc) and moves the prompted
+    way (eval/motion_acc), every `every_n_steps` and at the last step.
+
+    Every rank generates (with sharded parameters, FSDP2 or ZeRO-3, each forward gathers them
+    collectively); rank 0 scores and writes. The network is put in eval mode and run under the
+    trainer's precision; which weights (EMA or not) and which sampler settings is `generate_fn`'s choice.
+    """
+
+    METRICS = ("eval/digit_acc", "eval/motion_acc")
+
+    def __init__(
+        self,
+        generate_fn: GenerateFn,
+        metrics_log: MetricsLog,
+        every_n_steps: int,
+        prompts: list[str] | None = None,
+        batch_size: int = 16,
+        classifier: DigitClassifier | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.generate_fn, self.metrics_log, self.every_n_steps = generate_fn, metrics_log, every_n_steps
+        self.prompts = list(prompts) if prompts is not None else prompt_set()
+        self.batch_size = batch_size  # prompts per generate_fn call: bounds the memory of one sampling run
+        self.classifier = classifier  # None: the one fit on the training scans, built when first needed
+        self.last_step = -1
+        self.history: list[tuple[int, dict[str, float]]] = []  # (step, {"eval/digit_acc": ..., ...})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the last step here too, so its figures join its metrics.csv row before a checkpoint writes the row
+        last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if last or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # not when stopped early (preempted): the resumed run will
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def generate(self, trainer: L.Trainer, pl_module) -> Tensor:
+        """(len(prompts), C, T, H, W) float in [-1, 1] on the CPU, `batch_size` prompts at a time."""
+        was_training = pl_module.net.training
+        pl_module.net.eval()
+        chunks = []
+        try:
+            for first in range(0, len(self.prompts), self.batch_size):
+                with trainer.precision_plugin.forward_context():
+                    video = self.generate_fn(pl_module, self.prompts[first : first + self.batch_size])
+                chunks.append(video.float().cpu())
+        finally:
+            pl_module.net.train(was_training)
+        return torch.cat(chunks)
+
+    def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float] | None:
+        if trainer.global_step == self.last_step:
+            return None
+        self.last_step = trainer.global_step
+        videos = self.generate(trainer, pl_module)  # every rank: sampling may be collective
+        if not trainer.is_global_zero:
+            return None
+        if self.classifier is None:
+            self.classifier = training_classifier()
+        figures = score(videos, self.prompts, self.classifier)
+        values = {"eval/digit_acc": figures["digit_acc"], "eval/motion_acc": figures["motion_acc"]}
+        self.history.append((trainer.global_step, values))
+        self.metrics_log.write(trainer, trainer.global_step, values)
+        log.info(
+            "step %d: digit accuracy %.1f%%, motion accuracy %.1f%% over %d prompts",
+            trainer.global_step,
+            100 * values["eval/digit_acc"],
+            100 * values["eval/motion_acc"],
+            len(self.prompts),
+        )
+        return values
