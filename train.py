@@ -243,7 +243,7 @@ def main(cfg: DictConfig) -> dict:
 
         def sample_for_quality(module, prompts):
             shape = {"num_frames": data.num_frames, "size": data.size}
-            return module.sample(prompts, **shape, settings=quality_settings, ema=parts.sampling.weights != "raw")
+            return module.sample(prompts, **shape, settings=quality_settings, ema=parts.evaluation.weights == "ema")
 
         quality = MovingDigitsQuality(
             sample_for_quality,

@@ -65,10 +65,10 @@ def test_xl_preset_is_about_700m_parameters():
         (["trainer.precision=fp8"], "precision"),
         (["model.heads=3"], "heads"),  # 128 is not divisible by 3
         (["data.size=30"], "data"),  # not divisible by the patch
-        (["data.image_batch_size=8"], "data.image_batch_size"),  # one-frame clips, temporal patch of 2
+        (["data.image_batch_size=8", "model.patch_size=[2,4,4]"], "data.image_batch_size"),  # 1 frame, patch of 2
         (["data.train_shards='/nonexistent/x-{0..3}.tar'"], "data"),
         (["seed=abc"], "seed"),
-        (["trainer.global_batch_size=17"], "trainer.global_batch_size"),  # 16 x 1 x 1
+        (["trainer.global_batch_size=17"], "trainer.global_batch_size"),  # 8 x 1 x 1
         (["strategy=deepspeed_zero2", "strategy.stage=4"], "stage"),
         (["init_from=weights.pt"], "init_from"),  # safetensors only
         (["resume=/nonexistent.ckpt"], "resume"),

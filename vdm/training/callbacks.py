@@ -293,7 +293,7 @@ class SampleVideos(L.Callback):
         with trainer.precision_plugin.forward_context():
             shape = {"num_frames": self.num_frames, "size": self.size, "settings": settings}
             video = pl_module.sample(settings.prompts, **shape, ema=settings.weights != "raw")
-            if settings.weights == "both":  # each row: a prompt's EMA clip, then its raw-weights clip
+            if settings.weights == "both" and pl_module.ema is not None:  # each row: EMA clip, raw-weights clip
                 raw = pl_module.sample(settings.prompts, **shape, ema=False)
                 video, columns = torch.stack([video, raw], dim=1).flatten(0, 1), 2
         pl_module.net.train(was_training)

@@ -27,8 +27,11 @@ class MovingDigitsEvaluation:
     enabled: bool = True
     every_n_steps: int = 0  # 0: at the last step only; each evaluation samples 80 clips
     batch_size: int = 16  # prompts sampled together
+    weights: str = "ema"  # ema (the raw weights while a run has no EMA) or raw
 
     def __post_init__(self):
+        if self.weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be ema or raw (got {self.weights!r})")
         if self.every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (got {self.every_n_steps})")
         if self.batch_size < 1:
