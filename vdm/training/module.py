@@ -57,7 +57,7 @@ class VideoDiffusion(L.LightningModule):
         self.step_timesteps: Tensor | None = None  # (B,) t of each clip, 0 data .. 1 noise
         self.step_losses: Tensor | None = None  # (B,) per-clip loss
         self.step_keys: list[str] = []  # sample keys of this rank's batches since the last optimizer step
-        self.step_losses_finite = True  # this rank's losses since the last optimizer step were all finite
+        self.step_losses_finite: Tensor | bool = True  # this rank's losses since the last optimizer step: all finite
         self.step_applied = True  # the last optimizer step changed the weights (False: skipped, non-finite)
         self.step_finished = True
 
@@ -79,15 +79,16 @@ class VideoDiffusion(L.LightningModule):
         generator = generator_for(self.device, self.seed, self.global_rank, self.global_step)
         captions = self.drop_captions(batch.captions, generator)
         if self.step_finished:
-            self.step_keys, self.step_losses_finite, self.step_finished = [], True, False
+            self.step_keys, self.step_finished = [], False
+            self.step_losses_finite = torch.tensor(True, device=self.device)
         x0 = self.autoencoder.encode(batch.pixels())
         t, noise = self.objective.draw(x0, generator)
         losses = self.objective.loss_at(self.net, x0, self.encode_text(captions), t, noise)  # (B,)
         loss = losses.mean()
         self.step_timesteps, self.step_losses = t.detach(), losses.detach()
         self.step_keys += list(batch.keys)
-        # one host sync per micro-batch: cheap next to a step, and it names the rank whose batch went bad
-        self.step_losses_finite &= bool(torch.isfinite(loss))
+        # a device tensor: read in the vote after the backward pass, so the forward does not wait on the host
+        self.step_losses_finite = self.step_losses_finite & torch.isfinite(loss.detach())
         self.step_metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
@@ -109,7 +110,7 @@ class VideoDiffusion(L.LightningModule):
         self.step_metrics["grad_norm"] = norm
         # The norm is of the all-reduced gradients, the same on every rank; the local losses are not, so the
         # ranks vote: one rank's NaN skips the step everywhere, and the replicas stay equal.
-        bad = torch.tensor(float(not (torch.isfinite(norm) and self.step_losses_finite)), device=self.device)
+        bad = (~(torch.isfinite(norm) & self.step_losses_finite)).float()
         if self.trainer.strategy.reduce(bad, reduce_op="sum").item() > 0:
             for param in self.net.parameters():
                 param.grad = None  # the optimizer leaves parameters without gradient (and their states) alone

@@ -52,7 +52,11 @@ class NonFiniteGuard(L.Callback):
         record = {
             "step": step,
             "ranks": _gather(
-                {"rank": trainer.global_rank, "loss_finite": pl_module.step_losses_finite, "keys": pl_module.step_keys}
+                {
+                    "rank": trainer.global_rank,
+                    "loss_finite": bool(pl_module.step_losses_finite),
+                    "keys": pl_module.step_keys,
+                }
             ),
         }
         if trainer.is_global_zero:
