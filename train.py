@@ -254,7 +254,7 @@ def main(cfg: DictConfig) -> dict:
     callbacks = [
         StreamPosition(),
         ShardingReport(run_dir),
-        TrainMetrics(metrics_log, settings.log_every_n_steps),
+        TrainMetrics(metrics_log, settings.log_every_n_steps, peak_flops_per_device=settings.peak_flops_per_device),
         NonFiniteGuard(run_dir, metrics_log, settings.max_nonfinite_steps_in_row),  # before a save at this step
         *([held_out] if held_out else []),
         *([quality] if quality else []),

@@ -51,7 +51,10 @@ def metric_rows(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_train_writes_the_run_directory_then_resumes_it(tmp_path):
     run = tmp_path / "e2e"
-    first = train(f"run_root={tmp_path}", "name=e2e", "trainer.max_steps=6", *TINY)
+    # a CPU has no peak FLOP/s of its own to look up: given one, the run logs MFU against it
+    first = train(
+        f"run_root={tmp_path}", "name=e2e", "trainer.max_steps=6", "trainer.peak_flops_per_device=1e12", *TINY
+    )
     assert first.returncode == 0, first.stderr[-3000:]
 
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -64,6 +67,7 @@ def test_train_writes_the_run_directory_then_resumes_it(tmp_path):
     trained = [r for r in rows if r["train/loss"]]
     assert all(math.isfinite(float(r["train/loss"])) and float(r["clips_per_sec"]) > 0 for r in trained)
     assert all(float(r["grad_norm"]) > 0 for r in trained)
+    assert all(0 < float(r["mfu"]) < 1 for r in trained)
     assert [int(r["step"]) for r in rows if r["val/loss"]] == [0, 3, 6]
     # the Moving Digits evaluation (conf/evaluation/moving_digits.yaml) scores 80 generated clips at the end
     scored = [r for r in rows if r["eval/digit_acc"]]

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from scripts.export import ExportError, export, main, split_state
+from tests.scripts.runs import train_two_steps
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import build_from_weights, load_weights, read_metadata
 from vdm.types import TextCond
@@ -183,33 +184,12 @@ def computes(net: SpaceTimeDiT, text_dim: int, frames: int, size: int) -> torch.
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     """A real 2-step run of train.py (the dit_tiny default with the clip-tiny text encoder)."""
-    root = tmp_path_factory.mktemp("runs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "name=x",
-            f"run_root={root}",
-            "logger=none",
-            "trainer.max_steps=2",
-            "trainer.checkpoint_every_n_steps=0",
-            "trainer.eval_every_n_steps=0",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "data.eval_clips=4",
-            "sampling.prompts=[]",
-            "evaluation=none",
-            "trainer.progress_bar=false",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return train_two_steps(
+        tmp_path_factory.mktemp("runs"),
+        "trainer.eval_every_n_steps=0",
+        "data.eval_clips=4",
+        "sampling.prompts=[]",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "x"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 
 from scripts.export import export
 from scripts.sample import main
+from tests.scripts.runs import train_two_steps
 from vdm.data.video import decode_frames, probe
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import load_weights, save_weights
@@ -36,37 +37,16 @@ def one_thread():
 def trained_run(tmp_path_factory) -> Path:
     """A real 2-step run of train.py (defaults: dit_tiny, clip-tiny text encoder, identity autoencoder, flow)
     that samples PROMPTS at its end. No EMA: its samples are of the trained weights themselves."""
-    root = tmp_path_factory.mktemp("runs")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "name=x",
-            f"run_root={root}",
-            "logger=none",
-            "ema.enabled=false",
-            "trainer.max_steps=2",
-            "trainer.checkpoint_every_n_steps=0",
-            "trainer.log_every_n_steps=1",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "data.eval_shards=null",
-            f"data.num_frames={FRAMES}",
-            f"data.size={SIZE}",
-            f"sampling.prompts=[{','.join(repr(p) for p in PROMPTS)}]",
-            f"sampling.steps={STEPS}",
-            "evaluation=none",
-            "trainer.progress_bar=false",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return train_two_steps(
+        tmp_path_factory.mktemp("runs"),
+        "ema.enabled=false",
+        "trainer.log_every_n_steps=1",
+        "data.eval_shards=null",
+        f"data.num_frames={FRAMES}",
+        f"data.size={SIZE}",
+        f"sampling.prompts=[{','.join(repr(p) for p in PROMPTS)}]",
+        f"sampling.steps={STEPS}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root / "x"
 
 
 def sample(*args: str | Path) -> int:

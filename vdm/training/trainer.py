@@ -27,6 +27,8 @@ class TrainerSettings:
     keep_every_n_steps: int = 0  # > 0: also keep every checkpoint whose step is a multiple of this, for good
     sample_every_n_steps: int = 0  # 0: sample videos at the end only
     max_nonfinite_steps_in_row: int = 5  # optimizer steps skipped for a non-finite loss/gradient before the run stops
+    # FLOP/s of one device at the run's precision, for MFU on a GPU that vdm.training.throughput's table lacks
+    peak_flops_per_device: float | None = None
     progress_bar: bool = True
 
     def __post_init__(self):
