@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from vdm.config_check import ConfigError, check_config
+from vdm.distributed.threads import threads_per_process
 from vdm.models.weights import load_into
 from vdm.training.callbacks import (
     Checkpointing,
@@ -33,7 +35,7 @@ from vdm.training.callbacks import (
 from vdm.training.datamodule import VideoDataModule
 from vdm.training.module import VideoDiffusion
 from vdm.training.nonfinite import NonFiniteGuard, NonFiniteTraining
-from vdm.training.preemption import Preemption
+from vdm.training.preemption import Preemption, StopRequests
 from vdm.training.quality import MovingDigitsQuality
 from vdm.training.reshard import prepare_resume
 from vdm.training.run_dir import CHECKPOINT, RunDir
@@ -189,21 +191,33 @@ def check_ema_strategy(ema, strategy) -> None:
 
 
 def check_global_batch(settings, data) -> int:
-    """Clips per optimizer step over all ranks; checked against trainer.global_batch_size when that is set."""
-    world_size = settings.world_size()
-    global_batch = data.batch_size * settings.accumulate_grad_batches * world_size
-    if settings.global_batch_size is not None and settings.global_batch_size != global_batch:
-        raise ConfigError(
-            f"trainer.global_batch_size: {settings.global_batch_size} != data.batch_size {data.batch_size} x "
-            f"trainer.accumulate_grad_batches {settings.accumulate_grad_batches} x world size {world_size} "
-            f"= {global_batch}"
-        )
-    return global_batch
+    """Clips per optimizer step over all ranks (of data.batch_size: the first video bucket's); checked for every
+    video bucket (every bucket, if all are images) against trainer.global_batch_size when that is set."""
+    world_size, accumulate = settings.world_size(), settings.accumulate_grad_batches
+    checked = [(i, b) for i, b in enumerate(data.bucket_list) if b.frames > 1] or list(enumerate(data.bucket_list))
+    for index, bucket in checked:
+        global_batch = bucket.batch_size * accumulate * world_size
+        if settings.global_batch_size is not None and settings.global_batch_size != global_batch:
+            key = f"data.buckets[{index}].batch_size" if data.buckets else "data.batch_size"
+            raise ConfigError(
+                f"trainer.global_batch_size: {settings.global_batch_size} != {key} {bucket.batch_size} x "
+                f"trainer.accumulate_grad_batches {accumulate} x world size {world_size} = {global_batch}"
+            )
+    return data.batch_size * accumulate * world_size
 
 
 def main(cfg: DictConfig) -> dict:
+    # first: from here on a stop signal (Slurm's SIGUSR1 or SIGTERM) is recorded, and acted on at the first step
+    stop_requests = StopRequests()
+    stop_requests.listen()
     parts = assemble(cfg)
     data, settings = parts.data, parts.trainer
+    threads, why = threads_per_process(
+        settings.threads_per_process, processes_per_node=settings.processes_per_node(), data_workers=data.num_workers
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("intra-op threads per process: %d (%s)", torch.get_num_threads(), why)
     run_dir = RunDir(Path(str(cfg.run_root)) / str(cfg.name)).create()
     try:
         resume_from = run_dir.checkpoint_to_resume(cfg.resume)
@@ -231,18 +245,20 @@ def main(cfg: DictConfig) -> dict:
         ema=parts.ema,
     )
     metrics_log = MetricsLog(run_dir.metrics)
-    start_step = 0
+    # the rows past the step this run starts from are logged again: drop them (a fresh start drops every row, of
+    # an attempt that died before its first checkpoint)
+    start_step = -1
     if resume_from is not None and (match := CHECKPOINT.match(resume_from.name)):
         start_step = int(match.group(1))
-        if is_rank_zero:  # every rank rewriting the file at once can lose rows
-            metrics_log.truncate_after(start_step)
+    if is_rank_zero:  # every rank rewriting the file at once can lose rows
+        metrics_log.truncate_after(start_step)
     held_out = HeldOutLoss(data, metrics_log, settings.eval_every_n_steps) if data.eval_shard_list else None
     quality = None
     if parts.evaluation.enabled:
         quality_settings = dataclasses.replace(parts.sampling, prompts=[], weights="ema")
 
-        def sample_for_quality(module, prompts):
-            shape = {"num_frames": data.num_frames, "size": data.size}
+        def sample_for_quality(module, prompts, first_index):
+            shape = {"num_frames": data.num_frames, "size": data.sample_size, "first_index": first_index}
             return module.sample(prompts, **shape, settings=quality_settings, ema=parts.evaluation.weights == "ema")
 
         quality = MovingDigitsQuality(
@@ -262,13 +278,13 @@ def main(cfg: DictConfig) -> dict:
             run_dir,
             parts.sampling,
             num_frames=data.num_frames,
-            size=data.size,
+            size=data.sample_size,
             every_n_steps=settings.sample_every_n_steps,
         ),
         checkpointing := Checkpointing(
             run_dir, settings.checkpoint_every_n_steps, settings.keep_last_checkpoints, settings.keep_every_n_steps
         ),
-        preemption := Preemption(checkpointing),
+        preemption := Preemption(checkpointing, stop_requests),
         metrics_log,  # last: flushes what the others logged at this step
     ]
     strategy = parts.strategy.build(settings.world_size(), data.batch_size)
@@ -310,9 +326,63 @@ def main(cfg: DictConfig) -> dict:
             100 * figures["eval/motion_acc"],
         )
     log.info("skipped samples: %s", data.skips.counts())
-    if logger is not None and hasattr(logger, "experiment"):
-        logger.experiment.finish()
+    if logger is not None and hasattr(logger, "finish"):
+        logger.finish()
     return summary
+
+
+# Hydra's own flags that take a value, and those that do not (python train.py --help lists them)
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--experimental-rerun"}
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose the config from the command line's overrides the way Hydra will, before Hydra does.
+
+    Hydra reports an unknown key or option with its own message and exit status 1; vdm promises
+    `config error: <key>: ...` and status 2 for every bad config, so the composition is tried here first.
+    A sweep (`a=1,2`) is tried with its first value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides, config_name, skip = [], "config", False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--config-name", "-cn") and index + 1 < len(argv):
+            config_name = argv[index + 1]
+        if arg.split("=")[0] in HYDRA_FLAGS_WITH_VALUE:
+            skip = "=" not in arg
+            continue
+        if not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
+            overrides.append(arg)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise ConfigError(f"command line: {error}") from error
+    multirun = "-m" in argv or "--multirun" in argv
+    for override in parsed:
+        if override.is_sweep_override() and not multirun:
+            raise ConfigError(f"{override.input_line}: several values are a sweep, which needs -m (--multirun)")
+    prefixes = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~", "CHANGE": ""}
+    first_values = [
+        f"{prefixes[o.type.name]}{o.key_or_group}={next(iter(o.sweep_string_iterator()))}"
+        if o.is_sweep_override()
+        else o.input_line
+        for o in parsed
+    ]
+    with initialize_config_dir(str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
+        try:
+            compose(config_name, overrides=first_values)
+        except HydraException as error:
+            message = str(error).split("\nConfig search path")[0].strip()
+            if match := re.match(r"Could not override '([^']+)'", message):
+                key = match.group(1)
+                raise ConfigError(f"{key}: no such key (a new key needs +{key}=...)") from error
+            raise ConfigError(" ".join(line.strip() for line in message.splitlines() if line.strip())) from error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -331,4 +401,9 @@ def cli(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     cli()

@@ -16,10 +16,12 @@ import torch
 from vdm.data import VideoData
 from vdm.data.video import encode_gif, encode_mp4
 from vdm.generate import SamplingSettings, grid, to_uint8_frames
+from vdm.seeding import generator_for
 from vdm.training.checkpoint_io import fsync_directory
 from vdm.training.nonfinite import check_finite_weights
 from vdm.training.run_dir import RunDir
-from vdm.training.seeding import generator_for
+from vdm.training.shares import spread
+from vdm.training.steps import StepBoundary
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,14 @@ class Checkpointing(L.Callback):
             keep_every,
         )
         self.last_saved_step = -1
+        self.boundary = StepBoundary()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.boundary.start(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        crossed = self.boundary.crossed(trainer)  # never in the middle of a gradient accumulation
+        if crossed and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -178,6 +185,8 @@ class HeldOutLoss(L.Callback):
     Fixed t (a stratified grid over (0, 1)) and fixed noise remove the sampling noise of the
     training loss, so values at different steps compare directly. Computed at step 0, every
     `every_n_steps` and at the end. With an EMA, the EMA weights are the ones evaluated.
+    Every rank reads the same held-out batches and computes the loss of its share of them; the value does
+    not depend on the number of processes.
     """
 
     def __init__(
@@ -188,12 +197,16 @@ class HeldOutLoss(L.Callback):
         self.batches: list | None = None
         self.last_step = -1
         self.history: list[tuple[int, float]] = []  # (step, held-out loss)
+        self.boundary = StepBoundary()
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.boundary.start(trainer)
         if trainer.global_step == 0:  # a resumed run logged its starting point before it stopped
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.boundary.crossed(trainer):
+            return
         # the last step here too: its held-out loss joins its row before a checkpoint at that step writes the row
         last = trainer.global_step >= trainer.max_steps
         if last or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
@@ -238,18 +251,26 @@ class HeldOutLoss(L.Callback):
         return value
 
     def total_loss(self, trainer, pl_module, batches: list, num_clips: int) -> tuple[float, int]:
-        total, count = 0.0, 0
-        for index, batch in enumerate(batches):
-            batch = batch.to(pl_module.device)
+        """(sum of the per-clip losses, clips): the batches split over the ranks (vdm.training.shares.spread),
+        batch i at its own fixed t and noise, so each batch's loss is what one process computes for it; each sum
+        comes from exactly one rank, so adding them up over ranks is exact, and the total adds them in order."""
+        offsets = [0]
+        for batch in batches:
+            offsets.append(offsets[-1] + len(batch))
+        sums = torch.zeros(len(batches), dtype=torch.float64, device=pl_module.device)
+        for index in spread(len(batches), trainer.world_size, trainer.global_rank):
+            batch = batches[index if index is not None else 0].to(pl_module.device)  # None: a spare forward
             x0 = pl_module.autoencoder.encode(batch.pixels())
-            generator = generator_for(pl_module.device, self.seed, index)
+            generator = generator_for(pl_module.device, self.seed, index or 0)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            t = (torch.arange(count, count + len(batch), device=x0.device) + 0.5) / num_clips
+            start = offsets[index or 0]
+            t = (torch.arange(start, start + len(batch), device=x0.device) + 0.5) / num_clips
             with trainer.precision_plugin.forward_context():
                 losses = pl_module.objective.loss_at(pl_module.net, x0, pl_module.encode_text(batch.captions), t, noise)
-            total += losses.float().sum().item()
-            count += len(batch)
-        return total, count
+            if index is not None:
+                sums[index] = losses.double().sum()
+        sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu()
+        return sum(sums.tolist()), offsets[-1]
 
 
 class SampleVideos(L.Callback):
@@ -270,9 +291,14 @@ class SampleVideos(L.Callback):
         self.num_frames, self.size = num_frames, size
         self.every_n_steps, self.columns, self.upscale = every_n_steps, columns, upscale
         self.last_step = -1
+        self.boundary = StepBoundary()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.boundary.start(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        crossed = self.boundary.crossed(trainer)
+        if crossed and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from vdm.generate import SamplingSettings, generate
+from vdm.seeding import generator_for
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
-from vdm.training.seeding import generator_for
 from vdm.types import TextCond, VideoBatch
 
 
@@ -138,11 +138,19 @@ class VideoDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, prompts: list[str], *, num_frames: int, size: int, settings: SamplingSettings, ema: bool = True
+        self,
+        prompts: list[str],
+        *,
+        num_frames: int,
+        size: int,
+        settings: SamplingSettings,
+        ema: bool = True,
+        first_index: int = 0,
     ) -> Tensor:
         """One clip per prompt, (N, C, T, H, W) in [-1, 1], with the EMA weights when `ema` and there are some.
 
-        The caller sets eval mode and the precision context; every rank must call it under sharded strategies.
+        Prompt i's noise is seeded with (settings.seed, first_index + i) (vdm.generate). The caller sets eval mode
+        and the precision context; every rank must call it under sharded strategies.
         """
         with self.eval_weights(ema) as net:
             return generate(
@@ -154,6 +162,7 @@ class VideoDiffusion(L.LightningModule):
                 num_frames=num_frames,
                 size=size,
                 settings=settings,
+                first_index=first_index,
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

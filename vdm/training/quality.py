@@ -12,12 +12,15 @@ from torch import Tensor
 
 from vdm.evaluation.moving_digits import DigitClassifier, prompt_set, score, training_classifier
 from vdm.training.callbacks import MetricsLog
+from vdm.training.shares import spread
+from vdm.training.steps import StepBoundary
 
 log = logging.getLogger(__name__)
 
-# (pl_module, prompts) -> (N, C, T, H, W) float in [-1, 1], one clip per prompt, the same ones for the same
-# weights: e.g. a closure over vdm.generate.generate with the run's sampling settings.
-GenerateFn = Callable[[L.LightningModule, list[str]], Tensor]
+
+# (pl_module, prompts, first_index) -> (N, C, T, H, W) float in [-1, 1], one clip per prompt, prompt i's noise
+# seeded with first_index + i: e.g. a closure over vdm.generate.generate with the run's sampling settings.
+GenerateFn = Callable[[L.LightningModule, list[str], int], Tensor]
 
 
 @dataclass
@@ -43,9 +46,13 @@ class MovingDigitsQuality(L.Callback):
     direction) and logs the share that draws the prompted digit (eval/digit_acc) and moves the prompted
     way (eval/motion_acc), every `every_n_steps` and at the last step.
 
-    Every rank generates (with sharded parameters, FSDP2 or ZeRO-3, each forward gathers them
-    collectively); rank 0 scores and writes. The network is put in eval mode and run under the
-    trainer's precision; which weights (EMA or not) and which sampler settings is `generate_fn`'s choice.
+    The prompts are split over the ranks, `batch_size` at a time: chunk k goes to rank k mod world size. Each
+    prompt's noise is seeded by its index, and the chunks are the same whatever the number of processes, so the
+    clips (and the figures) do not depend on it. With sharded parameters (FSDP2, ZeRO-3) every forward is
+    collective: a rank left without a chunk in the last round generates a spare one and drops it, so that all
+    ranks run the same forwards. The clips are summed over ranks (each from exactly one, so the sum is exact) and
+    rank 0 scores and writes. The network is put in eval mode and run under the trainer's precision; which weights
+    (EMA or not) and which sampler settings is `generate_fn`'s choice.
     """
 
     METRICS = ("eval/digit_acc", "eval/motion_acc")
@@ -67,8 +74,14 @@ class MovingDigitsQuality(L.Callback):
         self.classifier = classifier  # None: the one fit on the training scans, built when first needed
         self.last_step = -1
         self.history: list[tuple[int, dict[str, float]]] = []  # (step, {"eval/digit_acc": ..., ...})
+        self.boundary = StepBoundary()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.boundary.start(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.boundary.crossed(trainer):
+            return
         # the last step here too, so its figures join its metrics.csv row before a checkpoint writes the row
         last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if last or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
@@ -81,18 +94,23 @@ class MovingDigitsQuality(L.Callback):
 
     @torch.no_grad()
     def generate(self, trainer: L.Trainer, pl_module) -> Tensor:
-        """(len(prompts), C, T, H, W) float in [-1, 1] on the CPU, `batch_size` prompts at a time."""
+        """(len(prompts), C, T, H, W) float in [-1, 1] on the CPU, on every rank; each rank generates its share."""
         was_training = pl_module.net.training
         pl_module.net.eval()
-        chunks = []
+        starts = list(range(0, len(self.prompts), self.batch_size))
+        videos = None
         try:
-            for first in range(0, len(self.prompts), self.batch_size):
+            for index in spread(len(starts), trainer.world_size, trainer.global_rank):
+                first = starts[index if index is not None else 0]  # None: a spare chunk, generated and dropped
                 with trainer.precision_plugin.forward_context():
-                    video = self.generate_fn(pl_module, self.prompts[first : first + self.batch_size])
-                chunks.append(video.float().cpu())
+                    video = self.generate_fn(pl_module, self.prompts[first : first + self.batch_size], first)
+                if videos is None:
+                    videos = video.new_zeros((len(self.prompts), *video.shape[1:]), dtype=torch.float32)
+                if index is not None:
+                    videos[first : first + len(video)] = video.float()
         finally:
             pl_module.net.train(was_training)
-        return torch.cat(chunks)
+        return trainer.strategy.reduce(videos, reduce_op="sum").cpu()
 
     def evaluate(self, trainer: L.Trainer, pl_module) -> dict[str, float] | None:
         if trainer.global_step == self.last_step:

@@ -29,6 +29,9 @@ class TrainerSettings:
     max_nonfinite_steps_in_row: int = 5  # optimizer steps skipped for a non-finite loss/gradient before the run stops
     # FLOP/s of one device at the run's precision, for MFU on a GPU that vdm.training.throughput's table lacks
     peak_flops_per_device: float | None = None
+    # intra-op threads of each training process; None: the node's cores shared by its processes, less one per data
+    # worker (or OMP_NUM_THREADS, or SLURM_CPUS_PER_TASK, where set). See vdm/distributed/threads.py
+    threads_per_process: int | None = None
     progress_bar: bool = True
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class TrainerSettings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.threads_per_process is not None and self.threads_per_process < 1:
+            raise ValueError(f"threads_per_process must be null or >= 1 (got {self.threads_per_process})")
         precisions = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
         if self.precision not in precisions:
             raise ValueError(f"precision must be one of {', '.join(precisions)} (got {self.precision!r})")
@@ -72,6 +77,9 @@ class TrainerSettings:
         else:
             per_node = len(str(self.devices).split(","))
         return per_node * self.num_nodes
+
+    def processes_per_node(self) -> int:
+        return self.world_size() // self.num_nodes
 
     def build(self, callbacks: list[L.Callback], logger, strategy="auto") -> L.Trainer:
         from vdm.training.checkpoint_io import DirectCheckpointIO
