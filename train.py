@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
 from vdm.config_check import ConfigError, check_config
 from vdm.distributed.threads import threads_per_process
+from vdm.evaluation.moving_digits import prompt_set
 from vdm.models.weights import load_into
 from vdm.training.callbacks import (
     Checkpointing,
@@ -206,6 +207,31 @@ def check_global_batch(settings, data) -> int:
     return data.batch_size * accumulate * world_size
 
 
+def run_name(cfg: DictConfig) -> str:
+    """The run's name: `name`, and in a Hydra multirun (-m) each job's own, `<name>-<job number>-<its overrides>`.
+
+    The default name is a timestamp, so two jobs of a sweep started within one second would share a run directory
+    (and resume=auto would continue the other job's run); the overrides say which job ran what.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return str(cfg.name)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_config = HydraConfig.get()
+    parser = OverridesParser.create()
+    swept = {
+        o.key_or_group for o in parser.parse_overrides(command_line_overrides(sys.argv[1:])[0]) if o.is_sweep_override()
+    }
+    values = [
+        o.input_line for o in parser.parse_overrides(list(hydra_config.overrides.task)) if o.key_or_group in swept
+    ]
+    label = re.sub(r"[^\w.,=+-]", "_", ",".join(values))[:150]  # a path component: no "/" or spaces
+    return f"{cfg.name}-{hydra_config.job.num}" + (f"-{label}" if label else "")
+
+
 def main(cfg: DictConfig) -> dict:
     # first: from here on a stop signal (Slurm's SIGUSR1 or SIGTERM) is recorded, and acted on at the first step
     stop_requests = StopRequests()
@@ -218,7 +244,8 @@ def main(cfg: DictConfig) -> dict:
     if threads is not None:
         torch.set_num_threads(threads)
     log.info("intra-op threads per process: %d (%s)", torch.get_num_threads(), why)
-    run_dir = RunDir(Path(str(cfg.run_root)) / str(cfg.name)).create()
+    name = run_name(cfg)
+    run_dir = RunDir(Path(str(cfg.run_root)) / name).create()
     try:
         resume_from = run_dir.checkpoint_to_resume(cfg.resume)
     except (ValueError, FileNotFoundError) as error:
@@ -265,7 +292,10 @@ def main(cfg: DictConfig) -> dict:
             sample_for_quality,
             metrics_log,
             parts.evaluation.every_n_steps,
+            prompts=prompt_set()[: parts.evaluation.num_prompts],
             batch_size=parts.evaluation.batch_size,
+            at_start=parts.evaluation.at_start,
+            clips_dir=run_dir.samples,
         )
     callbacks = [
         StreamPosition(),
@@ -289,7 +319,7 @@ def main(cfg: DictConfig) -> dict:
     ]
     strategy = parts.strategy.build(settings.world_size(), data.batch_size)
     prepare_resume(resume_from, settings.world_size(), strategy)  # on another number of processes: if it can
-    logger = parts.logger.build(run_dir.path, cfg.name, parts.config) if is_rank_zero else None
+    logger = parts.logger.build(run_dir.path, name, parts.config) if is_rank_zero else None
     trainer = settings.build(callbacks, logger, strategy=strategy)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
     log.info(
@@ -336,17 +366,8 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-c
 HYDRA_FLAGS_WITH_VALUE |= {"--config-dir", "-cd", "--experimental-rerun"}
 
 
-def check_command_line(argv: list[str]) -> None:
-    """Compose the config from the command line's overrides the way Hydra will, before Hydra does.
-
-    Hydra reports an unknown key or option with its own message and exit status 1; vdm promises
-    `config error: <key>: ...` and status 2 for every bad config, so the composition is tried here first.
-    A sweep (`a=1,2`) is tried with its first value.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
+def command_line_overrides(argv: list[str]) -> tuple[list[str], str]:
+    """(the config overrides of a command line, without Hydra's own flags and hydra.* keys; the config name)."""
     overrides, config_name, skip = [], "config", False
     for index, arg in enumerate(argv):
         if skip:
@@ -359,6 +380,21 @@ def check_command_line(argv: list[str]) -> None:
             continue
         if not arg.startswith("-") and not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra")):
             overrides.append(arg)
+    return overrides, config_name
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose the config from the command line's overrides the way Hydra will, before Hydra does.
+
+    Hydra reports an unknown key or option with its own message and exit status 1; vdm promises
+    `config error: <key>: ...` and status 2 for every bad config, so the composition is tried here first.
+    A sweep (`a=1,2`) is tried with its first value.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides, config_name = command_line_overrides(argv)
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:

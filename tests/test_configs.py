@@ -72,6 +72,23 @@ def test_xl_preset_is_about_700m_parameters():
         (["strategy=deepspeed_zero2", "strategy.stage=4"], "stage"),
         (["init_from=weights.pt"], "init_from"),  # safetensors only
         (["resume=/nonexistent.ckpt"], "resume"),
+        (
+            ["data.buckets=[{frames: 8, height: 32, width: 32, batch_sise: 4}]"],
+            r"data: buckets\[0\]: unknown key 'batch_sise'",
+        ),
+        (["data.buckets=[{frames: 8, height: 32, batch_size: 4}]"], r"buckets\[0\]: missing width"),
+        (
+            ["data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 4}]", "data.image_batch_size=8"],
+            "image_batch_size",
+        ),
+        (
+            [
+                "data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 4},{frames: 8, height: 16, width: 32, "
+                "batch_size: 8}]",
+                "trainer.global_batch_size=4",
+            ],
+            r"trainer.global_batch_size: 4 != data.buckets\[1\].batch_size 8",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(overrides, key):
@@ -112,3 +129,11 @@ def test_global_batch_is_micro_batch_times_accumulation_times_processes():
         )
     )
     assert train.check_global_batch(parts.trainer, parts.data) == 48
+
+
+def test_with_buckets_the_clip_shape_and_batch_follow_the_first_video_bucket():
+    buckets = "[{frames: 1, height: 32, width: 32, batch_size: 16},{frames: 4, height: 16, width: 32, batch_size: 2}]"
+    parts = train.assemble(compose_config(f"data.buckets={buckets}", "data.batch_size=8", "data.num_frames=8"))
+    data = parts.data
+    assert (data.num_frames, data.batch_size, data.sample_size) == (4, 2, (16, 32))  # not the ignored 8 and 8
+    assert train.check_global_batch(parts.trainer, data) == 2

@@ -242,11 +242,13 @@ class HeldOutLoss(L.Callback):
         self.history.append((trainer.global_step, value))
         self.metrics_log.write(trainer, trainer.global_step, {"val/loss": value})
         log.info(
-            "step %d: held-out loss %.5f over %d clips%s",
+            "step %d: held-out loss %.5f over %d clips%s (%d of %d batches on this rank)",
             trainer.global_step,
             value,
             count,
             " (EMA weights)" if self.ema and pl_module.ema is not None else "",
+            sum(i is not None for i in spread(len(batches), trainer.world_size, trainer.global_rank)),
+            len(batches),
         )
         return value
 
