@@ -34,7 +34,7 @@ TINY = [
     "sampling.prompts=[]",
     "evaluation=none",
 ]
-STEPS = 24
+STEPS = 12
 JOB_ENV = {"VDM_PYTHON": sys.executable}  # no OMP_NUM_THREADS: vdm gives each of the 2 ranks its share of cores
 
 pytestmark = pytest.mark.slow
