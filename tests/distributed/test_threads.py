@@ -24,9 +24,10 @@ def test_the_cores_are_shared_by_the_processes_of_a_node_less_one_per_data_worke
     )
     cores(2)  # two ranks with a worker each on a 2-core machine: one thread each, never none
     assert threads_per_process(None, processes_per_node=2, data_workers=1, env={})[0] == 1
-    assert threads_per_process(None, processes_per_node=1, data_workers=0, env={}) == (
-        2,
-        "2 cores / 1 process on this node",
+    # alone on its node a process keeps every core (torch's default): its worker mostly waits
+    assert threads_per_process(None, processes_per_node=1, data_workers=1, env={}) == (
+        None,
+        "the only training process on this node keeps every core",
     )
 
 
@@ -37,6 +38,17 @@ def test_slurm_cpus_per_task_are_this_task_s_cores(cores):
         10,
         "SLURM_CPUS_PER_TASK=12, less 2 for data loader workers",
     )
+
+
+def test_inside_a_slurm_allocation_its_cpus_count_not_the_machine_s(cores):
+    cores(2)  # the test cluster: two 1-CPU "nodes" on this 2-core machine, nothing bound
+    env = {"SLURM_CPUS_ON_NODE": "1"}
+    assert threads_per_process(None, processes_per_node=1, data_workers=1, env=env) == (
+        1,
+        "SLURM_CPUS_ON_NODE=1 / 1 process on this node, less 1 for data loader worker",
+    )
+    env = {"SLURM_CPUS_ON_NODE": "64"}
+    assert threads_per_process(None, processes_per_node=8, data_workers=2, env=env)[0] == 6
 
 
 def test_the_user_s_choice_wins(cores):

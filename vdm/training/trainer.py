@@ -29,8 +29,8 @@ class TrainerSettings:
     max_nonfinite_steps_in_row: int = 5  # optimizer steps skipped for a non-finite loss/gradient before the run stops
     # FLOP/s of one device at the run's precision, for MFU on a GPU that vdm.training.throughput's table lacks
     peak_flops_per_device: float | None = None
-    # intra-op threads of each training process; None: the node's cores shared by its processes, less one per data
-    # worker (or OMP_NUM_THREADS, or SLURM_CPUS_PER_TASK, where set). See vdm/distributed/threads.py
+    # intra-op threads of each training process; None: OMP_NUM_THREADS, else the Slurm allocation's cores of this
+    # task, else the cores shared by the training processes of the node, less one per data worker (threads.py)
     threads_per_process: int | None = None
     progress_bar: bool = True
 
