@@ -21,4 +21,6 @@ class StepBoundary:
 
     def crossed(self, trainer) -> bool:
         previous, self.step = self.step, trainer.global_step
-        return previous is not None and trainer.global_step != previous
+        if previous is None:  # start() was not called: a step was taken if the count is past 0
+            return trainer.global_step > 0
+        return trainer.global_step != previous
