@@ -164,15 +164,14 @@ def test_sigterm_to_every_process_inside_a_gradient_accumulation_resumes_to_the_
     steps = 12
     overrides = ("trainer.accumulate_grad_batches=2", "logger=wandb", "trainer.eval_every_n_steps=0")
     env = environment(tmp_path)
-    reference = subprocess.run(
-        [sys.executable, "train.py", "name=reference", f"run_root={tmp_path}", f"trainer.max_steps={steps}"]
-        + [*TINY, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def run_to_the_end(name: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "train.py", f"name={name}", f"run_root={tmp_path}", f"trainer.max_steps={steps}"]
+        return subprocess.run(
+            [*args, *TINY, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    reference = run_to_the_end("reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     status, output = run_until_signalled(tmp_path, "stopped", signal.SIGTERM, 3, env, *overrides, max_steps=steps)
@@ -184,15 +183,7 @@ def test_sigterm_to_every_process_inside_a_gradient_accumulation_resumes_to_the_
     stopped_at = checkpoint_steps(run)[-1]
     assert 3 <= stopped_at < steps
 
-    resumed = subprocess.run(
-        [sys.executable, "train.py", "name=stopped", f"run_root={tmp_path}", f"trainer.max_steps={steps}"]
-        + [*TINY, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_to_the_end("stopped")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run}/checkpoints/step-{stopped_at:09d}.ckpt" in resumed.stdout + resumed.stderr
     assert train_steps(run) == list(range(1, steps + 1))  # every step logged once
