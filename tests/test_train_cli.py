@@ -117,7 +117,7 @@ def test_a_typo_on_the_command_line_is_a_config_error_with_status_2(tmp_path):
     ids=["unknown-option", "typo-in-a-sweep", "typo-after-a-flag", "sweep-without-m", "unparsable"],
 )
 def test_command_line_check_names_what_hydra_would_refuse(argv, message):
-    from train import check_command_line
+    from vdm.command_line import check_command_line
     from vdm.config_check import ConfigError
 
     with pytest.raises(ConfigError) as caught:

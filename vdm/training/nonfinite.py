@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from vdm.distributed.parallel import local_part
 from vdm.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ class NonFiniteGuard(L.Callback):
         self.last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self.last_step or not pl_module.step_finished:  # mid accumulation: no optimizer step yet
+        step, outputs = trainer.global_step, outputs["step"]  # vdm.training.module.StepOutputs
+        if step == self.last_step or not outputs.finished:  # mid accumulation: no optimizer step yet
             return
         self.last_step = step
-        if pl_module.step_applied:
+        if outputs.applied:
             self.in_row = 0
             return
         self.total += 1
@@ -54,8 +55,8 @@ class NonFiniteGuard(L.Callback):
             "ranks": _gather(
                 {
                     "rank": trainer.global_rank,
-                    "loss_finite": bool(pl_module.step_losses_finite),
-                    "keys": pl_module.step_keys,
+                    "loss_finite": bool(outputs.losses_finite),
+                    "keys": outputs.keys,
                 }
             ),
         }
@@ -97,14 +98,7 @@ def _gather(item: dict) -> list[dict]:
 
 def count_nonfinite(tensors) -> int:
     """Non-finite elements in this rank's part of `tensors` (ZeRO-3 partitions, DTensor shards, plain tensors)."""
-    count = 0
-    for tensor in tensors:
-        if hasattr(tensor, "ds_tensor"):
-            tensor = tensor.ds_tensor
-        elif hasattr(tensor, "to_local"):
-            tensor = tensor.to_local()
-        count += int((~torch.isfinite(tensor.detach())).sum())
-    return count
+    return sum(int((~torch.isfinite(local_part(tensor).detach())).sum()) for tensor in tensors)
 
 
 def check_finite_weights(trainer: L.Trainer, pl_module, step: int) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from vdm.signals import STOP_SIGNALS
-from vdm.training.callbacks import Checkpointing
+from vdm.training.checkpointing import Checkpointing
 from vdm.training.steps import StepBoundary
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from torch import Tensor
 from vdm.data.video import encode_mp4
 from vdm.evaluation.moving_digits import DigitClassifier, prompt_set, score, training_classifier
 from vdm.generate import grid, to_uint8_frames
-from vdm.training.callbacks import MetricsLog
+from vdm.training.metrics_log import MetricsLog
 from vdm.training.shares import spread
 from vdm.training.steps import StepBoundary
 

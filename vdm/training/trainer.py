@@ -103,7 +103,7 @@ class TrainerSettings:
             gradient_clip_val=self.gradient_clip or None,
             callbacks=callbacks,
             logger=logger if logger is not None else False,
-            enable_checkpointing=False,  # vdm.training.callbacks.Checkpointing saves atomically instead
+            enable_checkpointing=False,  # vdm.training.checkpointing.Checkpointing saves atomically instead
             enable_progress_bar=self.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
