@@ -46,7 +46,7 @@ def main(cfg: DictConfig) -> dict:
     stop_requests = StopRequests()
     stop_requests.listen()
     parts = assemble(cfg)
-    summary = fit(parts, run_name(cfg), Path(str(cfg.run_root)), stop_requests)
+    summary = fit(parts, run_name(parts.config["name"]), Path(parts.config["run_root"]), stop_requests)
     summary.log()
     return summary.as_dict()
 
@@ -57,21 +57,21 @@ def assemble(cfg: DictConfig) -> Parts:
     check_run_keys(config)
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
 
-    torch.manual_seed(cfg.seed)  # model init is a function of the seed
-    text_encoder = build(cfg, "text")
-    autoencoder = build(cfg, "autoencoder")
-    net = build(cfg, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
+    torch.manual_seed(config["seed"])  # model init is a function of the seed
+    text_encoder = build(config, "text")
+    autoencoder = build(config, "autoencoder")
+    net = build(config, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
     if config["init_from"] is not None:
         init_from(net, config)
-    parts = Parts(config, text_encoder, autoencoder, net, *(build(cfg, section) for section in SECTIONS[3:]))
+    parts = Parts(config, text_encoder, autoencoder, net, *(build(config, section) for section in SECTIONS[3:]))
     check_parts(parts)
     return parts
 
 
-def build(cfg: DictConfig, section: str, **supplied):
+def build(config: dict | DictConfig, section: str, **supplied):
     """Instantiate one config section; any error is re-raised as a ConfigError naming the section."""
     try:
-        return hydra.utils.instantiate(cfg[section], **supplied, _convert_="all")
+        return hydra.utils.instantiate(config[section], **supplied, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__ or error
         raise ConfigError(f"{section}: {cause}") from cause

@@ -11,14 +11,12 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from vdm.config_check import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(name: str) -> str:
     """The run's name: `name`, and in a Hydra multirun (-m) each job's own, `<name>-<job number>-<its overrides>`.
 
     The default name is a timestamp, so two jobs of a sweep started within one second would share a run directory
@@ -28,7 +26,7 @@ def run_name(cfg: DictConfig) -> str:
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return str(cfg.name)
+        return name
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     hydra_config = HydraConfig.get()
@@ -40,7 +38,7 @@ def run_name(cfg: DictConfig) -> str:
         o.input_line for o in parser.parse_overrides(list(hydra_config.overrides.task)) if o.key_or_group in swept
     ]
     label = re.sub(r"[^\w.,=+-]", "_", ",".join(values))[:150]  # a path component: no "/" or spaces
-    return f"{cfg.name}-{hydra_config.job.num}" + (f"-{label}" if label else "")
+    return f"{name}-{hydra_config.job.num}" + (f"-{label}" if label else "")
 
 
 # Hydra's own flags that take a value, and those that do not (python train.py --help lists them)
