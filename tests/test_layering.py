@@ -55,3 +55,40 @@ def test_the_walk_sees_imports():
     # guard against a walker that finds nothing: the training package does import lightning
     assert "lightning" in imported_modules(VDM / "training" / "module.py")
     assert len(pure_files()) >= 15
+
+
+ROOT = VDM.parent
+HYDRA_HOMES = {"train.py", "vdm/command_line.py", "scripts/sample.py"}  # the command line; sample builds like train
+# what only vdm/distributed may ask of a strategy: its engine, its sharded tensors, its type
+STRATEGY_QUESTIONS = ("deepspeed_engine", "ds_tensor", "ds_numel", "to_local(", "full_tensor(", ".stage", '"FSDP2"')
+
+
+def project_files() -> list[Path]:
+    return [ROOT / "train.py", *sorted(VDM.rglob("*.py")), *sorted((ROOT / "scripts").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", project_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_hydra_only_reads_the_command_line(path):
+    uses = {m for m in imported_modules(path) if m.split(".")[0] in ("hydra", "omegaconf")}
+    assert not uses or str(path.relative_to(ROOT)) in HYDRA_HOMES, f"{path.relative_to(ROOT)} imports {sorted(uses)}"
+
+
+@pytest.mark.parametrize("path", project_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_vdm_distributed_asks_what_a_strategy_is(path):
+    if path.is_relative_to(VDM / "distributed"):
+        return
+    code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())  # comments may name them
+    asked = [question for question in STRATEGY_QUESTIONS if question in code]
+    assert not asked, f"{path.relative_to(ROOT)} asks {asked}: ask vdm.distributed (parallel.py, the settings)"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scripts").glob("*.py")), ids=lambda p: p.name)
+def test_no_script_imports_another_script(path):
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    imported = {m for m in imported_modules(path) if m.split(".")[0] in scripts | {"scripts"}}
+    assert "sys.path.insert" not in path.read_text() and not imported, f"{path.name} imports {sorted(imported)}"
+
+
+def test_the_strategy_rule_sees_questions():
+    # guard: the rule finds what it looks for where it is allowed
+    assert "deepspeed_engine" in (VDM / "distributed" / "parallel.py").read_text()
