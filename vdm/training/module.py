@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from vdm.config_check import ConfigError
 from vdm.generate import SamplingSettings, generate
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
@@ -97,7 +98,10 @@ class VideoDiffusion(L.LightningModule):
     def on_fit_start(self) -> None:
         check_backend = getattr(self.net, "check_attention_backend", None)
         if check_backend is not None:  # at start, not at the first step: a backend that cannot run stops here
-            check_backend(self.device, compute_dtype(self.trainer.precision))
+            try:
+                check_backend(self.device, compute_dtype(self.trainer.precision))
+            except ValueError as error:
+                raise ConfigError(f"model.{error}") from None
         self.text_encoder.to(self.device)
         if self.ema is not None:
             self.ema.to(self.device)
