@@ -42,6 +42,7 @@ import av
 from PIL import Image
 
 from vdm.data.shard_writer import write_shard
+from vdm.data.video import probe
 
 # the media the pipeline reads (vdm/data); stored under these extensions, with jpeg as jpg
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -231,28 +232,25 @@ def read_metadata(path: str, source: str, extension: str) -> tuple[dict | None, 
 
 
 def video_metadata(path: str) -> dict:
+    # vdm's own probe decodes the first frame (which catches files whose header opens but whose data is broken)
+    # and gives the size as displayed: a phone video stored 1920x1080 with a 90 degree rotation is 1080x1920, and
+    # the pipeline picks a clip's bucket from this json
+    info = probe(Path(path).read_bytes())
+    frames = info.num_frames or _count_packets(path)
     with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
         stream = container.streams.video[0]
-        # decoding one frame catches files whose header opens but whose data is broken
-        if next(container.decode(stream), None) is None:
-            raise ValueError("no decodable frame")
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else None
-        frames = stream.frames or _count_packets(path)
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             duration = container.duration / av.time_base
         else:
-            duration = frames / fps if fps else None
-        width, height = stream.codec_context.width, stream.codec_context.height
+            duration = frames / info.fps if info.fps else None
     return {
-        "fps": fps,
+        "fps": info.fps,
         "frames": frames,
-        "width": width,
-        "height": height,
+        "width": info.width,
+        "height": info.height,
+        "rotation": info.rotation,
         "duration": round(duration, 6) if duration is not None else None,
     }
 

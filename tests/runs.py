@@ -24,3 +24,9 @@ def train_steps(run: Path) -> list[int]:
 
 def checkpoint_steps(run: Path) -> list[int]:
     return sorted(int(p.name[5:14]) for p in (run / "checkpoints").glob("step-*.ckpt"))
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    """{step: train/loss} of metrics.csv."""
+    with open(run / "metrics.csv", newline="") as file:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}

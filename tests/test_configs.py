@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import train
 from vdm.config_check import ConfigError, check_config
+from vdm.run_checks import check_global_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -72,6 +73,25 @@ def test_xl_preset_is_about_700m_parameters():
         (["strategy=deepspeed_zero2", "strategy.stage=4"], "stage"),
         (["init_from=weights.pt"], "init_from"),  # safetensors only
         (["resume=/nonexistent.ckpt"], "resume"),
+        (["strategy=fsdp2"], "ema.enabled: an EMA is not supported with FSDP2"),  # the settings say they shard
+        (["strategy=deepspeed_zero3"], "ema.enabled: an EMA is not supported with DeepSpeed ZeRO-3"),
+        (
+            ["data.buckets=[{frames: 8, height: 32, width: 32, batch_sise: 4}]"],
+            r"data: buckets\[0\]: unknown key 'batch_sise'",
+        ),
+        (["data.buckets=[{frames: 8, height: 32, batch_size: 4}]"], r"buckets\[0\]: missing width"),
+        (
+            ["data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 4}]", "data.image_batch_size=8"],
+            "image_batch_size",
+        ),
+        (
+            [
+                "data.buckets=[{frames: 8, height: 32, width: 32, batch_size: 4},{frames: 8, height: 16, width: 32, "
+                "batch_size: 8}]",
+                "trainer.global_batch_size=4",
+            ],
+            r"trainer.global_batch_size: 4 != data.buckets\[1\].batch_size 8",
+        ),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(overrides, key):
@@ -111,4 +131,12 @@ def test_global_batch_is_micro_batch_times_accumulation_times_processes():
             "trainer.global_batch_size=48",
         )
     )
-    assert train.check_global_batch(parts.trainer, parts.data) == 48
+    assert check_global_batch(parts.trainer, parts.data) == 48
+
+
+def test_with_buckets_the_clip_shape_and_batch_follow_the_first_video_bucket():
+    buckets = "[{frames: 1, height: 32, width: 32, batch_size: 16},{frames: 4, height: 16, width: 32, batch_size: 2}]"
+    parts = train.assemble(compose_config(f"data.buckets={buckets}", "data.batch_size=8", "data.num_frames=8"))
+    data = parts.data
+    assert (data.num_frames, data.batch_size, data.sample_size) == (4, 2, (16, 32))  # not the ignored 8 and 8
+    assert check_global_batch(parts.trainer, data) == 2

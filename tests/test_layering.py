@@ -19,6 +19,8 @@ PURE = [
     "generate.py",
     "config_check.py",
     "state_dicts.py",
+    "seeding.py",
+    "signals.py",
 ]
 FORBIDDEN = ("lightning", "pytorch_lightning", "deepspeed", "hydra", "omegaconf", "wandb", "torch.distributed")
 

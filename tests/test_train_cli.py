@@ -97,11 +97,33 @@ def test_train_writes_the_run_directory_then_resumes_it(tmp_path):
     assert len({p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}) == 1
 
 
-def test_typo_on_the_command_line_stops_before_training_naming_the_key(tmp_path):
+def test_a_typo_on_the_command_line_is_a_config_error_with_status_2(tmp_path):
+    """Hydra's own message and status 1 would break the promise of `config error: <key>` and status 2."""
     result = train(f"run_root={tmp_path}", "name=typo", "data.num_frame=8")
-    assert result.returncode != 0
-    assert "num_frame" in result.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "config error: data.num_frame: no such key (a new key needs +data.num_frame=...)" in result.stderr
     assert not (tmp_path / "typo" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["model=dit_xxl"], "In 'config': Could not find 'model/dit_xxl' Available options in 'model': dit_b"),
+        (["-m", "optim.lr=1e-3,2e-3", "data.num_frame=8"], "data.num_frame: no such key"),
+        (["--cfg", "job", "trainer.max_step=3"], "trainer.max_step: no such key"),
+        (["optim.lr=1e-3,2e-3"], "optim.lr=1e-3,2e-3: several values are a sweep, which needs -m (--multirun)"),
+        (["model.width=["], "command line: "),
+    ],
+    ids=["unknown-option", "typo-in-a-sweep", "typo-after-a-flag", "sweep-without-m", "unparsable"],
+)
+def test_command_line_check_names_what_hydra_would_refuse(argv, message):
+    from vdm.command_line import check_command_line
+    from vdm.config_check import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        check_command_line(argv)
+    assert message in str(caught.value)
+    check_command_line(["-m", "optim.lr=1e-3,2e-3", "model=dit_b", "--cfg", "job", "+data.extra=1"])  # all fine
 
 
 def test_bad_value_stops_before_training_naming_the_key(tmp_path):
@@ -264,3 +286,31 @@ def test_checkpoints_keep_the_last_k_and_every_mth_and_an_unfinished_save_is_not
     (tmp_path / "broken" / "checkpoints" / "step-000000003.ckpt.partial").write_bytes(b"half")
     broken = train(*[a.replace("name=keep", "name=broken") for a in args], "trainer.max_steps=5")
     assert broken.returncode == 2 and "only incomplete checkpoints" in broken.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_a_clean_metrics_file(tmp_path):
+    run = tmp_path / "again"
+    args = [f"run_root={tmp_path}", "name=again", "trainer.max_steps=4", *TINY_NO_WANDB]
+    args += ["trainer.checkpoint_every_n_steps=0", "trainer.eval_every_n_steps=0", "evaluation=none"]
+    # what an attempt killed at step 5, before its first checkpoint, leaves behind: rows and no checkpoint
+    run.mkdir()
+    with open(run / "metrics.csv", "w", newline="") as file:
+        file.write("step,train/loss,val/loss\n0,,1.9\n" + "".join(f"{step},0.5,\n" for step in range(1, 6)))
+    again = train(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "new run" in again.stdout + again.stderr
+    steps = [int(r["step"]) for r in metric_rows(run)]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 4  # each step's row once
+
+
+@pytest.mark.slow
+def test_each_job_of_a_multirun_sweep_gets_its_own_run_directory_named_by_its_values(tmp_path):
+    args = [f"run_root={tmp_path}", "name=sweep", *TINY_NO_WANDB, "evaluation=none", "trainer.eval_every_n_steps=0"]
+    result = train("-m", "trainer.max_steps=1,2", *args, "trainer.checkpoint_every_n_steps=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {p.name: p for p in tmp_path.iterdir() if p.is_dir()}
+    assert sorted(runs) == ["sweep-0-trainer.max_steps=1", "sweep-1-trainer.max_steps=2"]
+    for name, steps in (("sweep-0-trainer.max_steps=1", 1), ("sweep-1-trainer.max_steps=2", 2)):
+        assert yaml.safe_load((runs[name] / "config.yaml").read_text())["trainer"]["max_steps"] == steps
+        assert [p.name for p in (runs[name] / "checkpoints").iterdir()] == [f"step-{steps:09d}.ckpt"]

@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vdm.diffusion import SAMPLERS, classifier_free_guidance
+from vdm.seeding import derive_seed
 
 
 @torch.no_grad()
@@ -22,28 +23,34 @@ def generate(
     prompts: list[str],
     *,
     num_frames: int,
-    size: int,
+    size: int | tuple[int, int],
     settings: SamplingSettings,
+    first_index: int = 0,
 ) -> Tensor:
-    """One clip per prompt -> (N, C, T, H, W) float in [-1, 1]. The same seed gives the same videos.
+    """One clip per prompt -> (N, C, T, H, W) float in [-1, 1], size x size or (height, width). The same seed
+    gives the same videos.
 
-    `objective` (vdm.diffusion) decides what the network's output means and how to sample it; every
-    random draw (the starting noise, then an ancestral sampler's) comes from one generator seeded
-    with settings.seed.
+    `objective` (vdm.diffusion) decides what the network's output means and how to sample it. The starting noise
+    of prompt i (numbered from `first_index`) is drawn from a generator of its own, seeded with (settings.seed,
+    first_index + i) on the CPU: a prompt's clip does not depend on which prompts share its batch, on the batch
+    size or on the device, so prompts can be split over processes and give the same clips. An ancestral
+    sampler's fresh noise at each step (DDPM's "ddpm") comes from one generator for the batch.
     """
     device = next(net.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    latent_size = size // autoencoder.spatial_factor
-    latent_frames = num_frames // autoencoder.temporal_factor
-    noise = torch.randn(
-        len(prompts),
+    height, width = (size, size) if isinstance(size, int) else size
+    latent_shape = (
         autoencoder.latent_channels,
-        latent_frames,
-        latent_size,
-        latent_size,
-        generator=generator,
-        device=device,
-    )  # (N, C, T, H, W) latents at t = 1
+        num_frames // autoencoder.temporal_factor,
+        height // autoencoder.spatial_factor,
+        width // autoencoder.spatial_factor,
+    )
+    noise = torch.stack(
+        [
+            torch.randn(latent_shape, generator=torch.Generator().manual_seed(derive_seed(settings.seed, index)))
+            for index in range(first_index, first_index + len(prompts))
+        ]
+    ).to(device)  # (N, C, T, H, W) latents at t = 1
+    generator = torch.Generator(device=device).manual_seed(derive_seed(settings.seed, first_index, len(prompts)))
     cond = text_encoder.encode(prompts)
     uncond = text_encoder.encode([""] * len(prompts))
     model_fn = classifier_free_guidance(net, cond, uncond, settings.guidance_scale, settings.guidance_interval)

@@ -216,8 +216,18 @@ class FakeLog:
 
 
 def fake_trainer(step: int, max_steps: int = 100, rank_zero: bool = True) -> SimpleNamespace:
+    """One process (the split over ranks is tested with real processes in tests/distributed)."""
     plugin = SimpleNamespace(forward_context=nullcontext)
-    return SimpleNamespace(global_step=step, max_steps=max_steps, is_global_zero=rank_zero, precision_plugin=plugin)
+    strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+    return SimpleNamespace(
+        global_step=step,
+        max_steps=max_steps,
+        is_global_zero=rank_zero,
+        precision_plugin=plugin,
+        world_size=1,
+        global_rank=0,
+        strategy=strategy,
+    )
 
 
 def test_callback_scores_generated_videos_on_schedule_and_keeps_history(classifier):
@@ -226,7 +236,7 @@ def test_callback_scores_generated_videos_on_schedule_and_keeps_history(classifi
     module = SimpleNamespace(net=torch.nn.Linear(1, 1))
     calls = []
 
-    def generate_fn(pl_module, prompts):
+    def generate_fn(pl_module, prompts, first_index):
         calls.append((len(prompts), pl_module.net.training))
         return render_prompts(prompts)
 
@@ -247,7 +257,9 @@ def test_callback_scores_generated_videos_on_schedule_and_keeps_history(classifi
 
     # other ranks generate too (sampling may be collective) but write nothing
     calls.clear()
-    other = MovingDigitsQuality(lambda m, p: torch.full((len(p), 3, 8, 32, 32), -1.0), log, 10, classifier=classifier)
+    other = MovingDigitsQuality(
+        lambda m, p, first: torch.full((len(p), 3, 8, 32, 32), -1.0), log, 10, classifier=classifier
+    )
     assert other.evaluate(fake_trainer(20, rank_zero=False), module) is None
     assert other.evaluate(fake_trainer(30), module) == {"eval/digit_acc": 0.0, "eval/motion_acc": 0.0}
     assert [s for s, _ in log.rows] == [10, 13, 30]

@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -116,7 +117,8 @@ def test_folder_input_writes_every_usable_file_once_unchanged_and_reports_the_re
         assert sample["txt"].decode() == USABLE[source]
         meta = json.loads(sample["json"])
         if source in VIDEO_CAPTIONS:
-            assert meta == {"fps": 8, "frames": 8, "width": 32, "height": 32, "duration": 1.0, "source": source}
+            expected = {"fps": 8, "frames": 8, "width": 32, "height": 32, "rotation": 0, "duration": 1.0}
+            assert meta == expected | {"source": source}
     assert json.loads(by_source["red.png"]["json"]) == {"width": 20, "height": 10, "frames": 1, "source": "red.png"}
     green = {"width": 12, "height": 14, "frames": 1, "source": "photos/green.JPEG"}
     assert json.loads(by_source["photos/green.JPEG"]["json"]) == green  # and stored as .jpg (checked above)
@@ -242,3 +244,32 @@ def test_nothing_usable_exits_non_zero_with_a_clear_message(media, tmp_path):
     assert "no sample could be written: all 2 files are unusable" in result.stderr
     assert "broken.mp4: cannot decode video" in result.stdout and "uncaptioned.mp4: missing caption" in result.stdout
     assert not shard_files(out)
+
+
+def test_a_rotated_phone_video_is_described_as_displayed_and_lands_in_the_portrait_bucket(tmp_path):
+    """Stored 48x24 (landscape) with a 90 degree display rotation: it plays 24 wide and 48 high."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.height, stream.width = 24, 48
+        stream.set_display_rotation(90)
+        for t in range(8):
+            frame = np.zeros((24, 48, 3), dtype=np.uint8)
+            frame[:, 4 * t : 4 * t + 6] = 255
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    write(tmp_path / "in" / "phone.mp4", buffer.getvalue())
+    write(tmp_path / "in" / "phone.txt", b"a phone video")
+    assert run("--input", tmp_path / "in", "--out", tmp_path / "out") == 0
+    (sample,) = read_samples(tmp_path / "out")
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"], meta["rotation"]) == (24, 48, 90)
+
+    buckets = [
+        {"frames": 4, "height": 16, "width": 32, "batch_size": 1},  # landscape
+        {"frames": 4, "height": 32, "width": 16, "batch_size": 1},  # portrait: where it belongs
+    ]
+    shards = shard_pattern(tmp_path / "out")
+    data = VideoData(train_shards=shards, eval_shards=shards, buckets=buckets, frame_stride=1)
+    (batch,) = list(data.eval_loader())
+    assert batch.video.shape[1:] == (3, 4, 32, 16)

@@ -1,9 +1,13 @@
 """slurm/train.sbatch on a real Slurm cluster (slurmctld + two slurmd nodes on this machine, see cluster.py).
 
-Real processes end to end: sbatch -> srun -> one train.py per task -> gloo DDP across "nodes" n1 and n2;
-SIGUSR1 to the job steps -> checkpoint on every rank -> `scontrol requeue` -> the same job id runs again,
-resumes its own run directory and finishes. Needs root and the Slurm packages; skipped without them
-(failed in CI, where .ci/run installs them).
+Real processes end to end: sbatch -> srun -> one train.py per task (each with a DataLoader worker) -> gloo DDP
+across "nodes" n1 and n2, 2 micro-batches per optimizer step. SIGUSR1 the way Slurm sends it at the time limit
+(to every process of the job step: `scancel -s USR1`, like `--signal=USR1@N`), and then, to the requeued job, the
+way sites that use `--signal=B:USR1@N` send it (to the batch shell only: `scancel --batch -s USR1`) -> each time a
+checkpoint on every rank at an optimizer-step boundary -> `scontrol requeue` -> the same job id runs again, resumes
+its own run directory, and in the end has the losses of an uninterrupted run. No thread setting is passed to the
+job: vdm chooses one per process. Needs root and the Slurm packages; skipped without them (failed in CI, where
+.ci/run installs them).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 import pytest
 from cluster import FINAL_STATES, SlurmCluster, require_slurm
 
-from tests.runs import checkpoint_steps, train_steps
+from tests.runs import checkpoint_steps, train_losses, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "train.sbatch"
@@ -24,13 +28,15 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "trainer.eval_every_n_steps=0",
     "trainer.progress_bar=false",
-    "data.batch_size=4",
-    "data.num_workers=0",
+    "data.batch_size=2",
+    "data.num_workers=1",  # a loader worker in every task: Slurm signals it too
+    "trainer.accumulate_grad_batches=2",  # a signal mostly lands inside an accumulation
     "data.eval_clips=8",
     "sampling.prompts=[]",
     "evaluation=none",
 ]
-JOB_ENV = {"VDM_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: one thread each
+STEPS = 12
+JOB_ENV = {"VDM_PYTHON": sys.executable}  # no OMP_NUM_THREADS: vdm gives each of the 2 ranks its share of cores
 
 pytestmark = pytest.mark.slow
 
@@ -68,17 +74,27 @@ def wait_for_steps(cluster: SlurmCluster, job: int, run: Path, log: Path, count:
         time.sleep(0.2)
 
 
-def test_two_nodes_train_together_and_write_the_run_directory(cluster, tmp_path):
-    log = tmp_path / "job.out"
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory) -> tuple[Path, Path, int]:
+    """The reference: the job run to the end without a signal. (run directory, log, job id)"""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    log = root / "job.out"
     job = submit(
         cluster,
         log,
         "name=two-nodes",
-        f"run_root={tmp_path}",
-        "trainer.max_steps=8",
-        "trainer.checkpoint_every_n_steps=4",
+        f"run_root={root}",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.checkpoint_every_n_steps={STEPS // 2}",
     )
-    state = cluster.wait(job, timeout=240)
+    cluster.wait(job, timeout=240)
+    return root / "two-nodes", log, job
+
+
+def test_two_nodes_train_together_and_write_the_run_directory(cluster, uninterrupted):
+    run, log, job = uninterrupted
+    tmp_path = run.parent
+    state = cluster.state(job)
     output = read(log)
     assert state == "COMPLETED", f"{state}\n{output[-4000:]}\n{cluster.logs()}"
     info = cluster.show(job)
@@ -91,43 +107,66 @@ def test_two_nodes_train_together_and_write_the_run_directory(cluster, tmp_path)
     # one process per node, joined in one process group
     assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in output
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
-    assert "global batch 8 = 4 clips x 1 accumulated x 2 processes" in output
+    assert "global batch 8 = 2 clips x 2 accumulated x 2 processes" in output
+    # each rank chose its threads and said why (each "node" gives its task 1 CPU of this 2-core machine)
+    assert output.count("intra-op threads per process: ") == 2
 
-    run = tmp_path / "two-nodes"
     assert not (tmp_path / f"slurm-{job}").exists()
-    assert checkpoint_steps(run) == [4, 8]
+    assert checkpoint_steps(run) == [STEPS // 2, STEPS]
     assert not list((run / "checkpoints").glob("*.partial"))
-    assert train_steps(run) == list(range(1, 9))  # every step once, logged by rank 0 only
+    assert train_steps(run) == list(range(1, STEPS + 1))  # every step once, logged by rank 0 only
 
 
-def test_sigusr1_checkpoints_requeues_and_the_same_job_resumes_to_the_end(cluster, tmp_path):
-    """What happens at the time limit (--signal=USR1@120), sent now with `scancel -s USR1`."""
+def requeued_at(log: Path, job: int, times: int, timeout: float = 120) -> int:
+    """The step the job's `times`-th requeue resumes from, once its log says so."""
+    marker = f"requeued SLURM job {job}: it resumes from step "
+    deadline = time.monotonic() + timeout
+    while read(log).count(marker) < times:
+        assert time.monotonic() < deadline, f"no requeue number {times} after {timeout} s:\n{read(log)[-4000:]}"
+        time.sleep(0.2)
+    return int(read(log).split(marker)[times].split()[0])
+
+
+def test_sigusr1_to_the_step_then_to_the_batch_shell_requeues_twice_and_resumes_to_the_uninterrupted_losses(
+    cluster, tmp_path, uninterrupted
+):
+    """What happens at the time limit, sent now, both ways Slurm sends it, to one job: checkpoint, requeue, resume;
+    checkpoint, requeue, resume; finish with every step once and the losses of the uninterrupted job."""
     log = tmp_path / "job.out"
-    max_steps = 60
     # no name=: the script names the run slurm-<job id>, which the requeued job (same id) finds again
     job = submit(
-        cluster, log, f"run_root={tmp_path}", f"trainer.max_steps={max_steps}", "trainer.checkpoint_every_n_steps=1000"
-    )  # only the preemption checkpoint and the final one
+        cluster, log, f"run_root={tmp_path}", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=1000"
+    )  # only the preemption checkpoints and the final one
     run = tmp_path / f"slurm-{job}"
-    wait_for_steps(cluster, job, run, log, count=3)
-    cluster.scancel(job, "USR1")  # to the job steps (every rank), like --signal=USR1@N
+    wait_for_steps(cluster, job, run, log, count=2)
+    # first as --signal=USR1@N sends it: to every process of the job step
+    cluster.scancel(job, "USR1")
+    first_stop = requeued_at(log, job, times=1)
+    # then, in the requeued job, as --signal=B:USR1@N sends it: to the batch shell only; srun, which the script
+    # execs, passes it on to every process of its step
+    wait_for_steps(cluster, job, run, log, count=first_stop + 1)  # the requeued job is training
+    cluster.scancel(job, "USR1", "--batch")
+    second_stop = requeued_at(log, job, times=2)
 
     state = cluster.wait(job, timeout=300)
-    output = read(log)  # --open-mode=append: both runs' output
+    output = read(log)  # --open-mode=append: every run's output
     assert state == "COMPLETED", f"{state}\n{output[-6000:]}\n{cluster.logs()}"
-    assert cluster.show(job)["Restarts"] == "1"
+    assert cluster.show(job)["Restarts"] == "2"
+    assert "DataLoader worker" not in output  # no worker died of a signal
 
-    assert f"job {job} (vdm), restart 0," in output and f"job {job} (vdm), restart 1," in output
-    assert output.count("stop requested by signal (") == 2  # both ranks stopped at the same step
-    assert "stop requested by signal (SIGUSR1 on this rank)" in output
-    assert f"requeued SLURM job {job}: it resumes from step" in output
-    stopped_at = int(output.split(f"requeued SLURM job {job}: it resumes from step ")[1].split()[0])
-    assert 3 <= stopped_at < max_steps
-    assert f"resuming from {run}/checkpoints/step-{stopped_at:09d}.ckpt" in output
+    for restart in range(3):
+        assert f"job {job} (vdm), restart {restart}," in output
+    assert output.count("stop requested by signal (") == 4  # both ranks stopped at the same step, twice
+    assert output.count("stop requested by signal (SIGUSR1 on this rank)") >= 2
+    assert 2 <= first_stop < second_stop < STEPS
+    for stopped_at in (first_stop, second_stop):
+        assert f"resuming from {run}/checkpoints/step-{stopped_at:09d}.ckpt" in output
 
-    assert checkpoint_steps(run) == [stopped_at, max_steps]
+    assert checkpoint_steps(run) == [second_stop, STEPS]  # keep_last_checkpoints=2
     assert not list((run / "checkpoints").glob("*.partial"))
-    assert train_steps(run) == list(range(1, max_steps + 1))  # none repeated, none skipped
+    assert train_steps(run) == list(range(1, STEPS + 1))  # none repeated, none skipped
+    reference, _, _ = uninterrupted
+    assert train_losses(run) == train_losses(reference)  # the run it would have been, bit for bit
 
 
 def test_plain_scancel_checkpoints_and_ends_the_job(cluster, tmp_path):

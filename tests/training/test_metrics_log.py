@@ -6,7 +6,7 @@ import csv
 
 import lightning as L
 
-from vdm.training.callbacks import MetricsLog
+from vdm.training.metrics_log import MetricsLog
 
 
 def rows(path) -> list[dict]:

@@ -7,10 +7,10 @@ import torch
 from vdm.autoencoders import IdentityAutoencoder
 from vdm.diffusion import RectifiedFlow
 from vdm.models import SpaceTimeDiT
+from vdm.seeding import derive_seed, generator_for
 from vdm.text import OpenCLIPTextEncoder
 from vdm.training.module import VideoDiffusion
 from vdm.training.optim import AdamW
-from vdm.training.seeding import derive_seed, generator_for
 
 
 def make_module(caption_dropout: float = 0.1) -> VideoDiffusion:

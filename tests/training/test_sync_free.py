@@ -100,9 +100,7 @@ def watched_run(tmp_path, monkeypatch, *, fused: bool) -> list[str]:
 
         monkeypatch.setattr(torch.Tensor, method, wrapped)
     run_dir = RunDir(tmp_path / "run").create()
-    # train.py's per-step callbacks, less Preemption (its per-step flag exchange is being rewritten)
-    callbacks = [c for c in per_step_callbacks(run_dir, settings) if type(c).__name__ != "Preemption"]
-    trainer = settings.build([*callbacks, watch], logger=None)
+    trainer = settings.build([*per_step_callbacks(run_dir, settings), watch], logger=None)  # train.py's per-step ones
     trainer.fit(module, train_dataloaders=batch_loader(make_batches(6, 2, 3, 4, 16, 16)))
     assert trainer.global_step == 6
     return watch.mode.reads

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from vdm.models import SpaceTimeDiT
 from vdm.models.flops import tokens_per_clip, train_flops_per_clip
-from vdm.training.callbacks import MetricsLog
+from vdm.training.metrics_log import MetricsLog
+from vdm.training.module import StepOutputs
 from vdm.training.throughput import TrainMetrics, matmul_format, peak_flops
 from vdm.types import TextCond
 
@@ -28,8 +29,8 @@ LOSS_SCALE = torch.tensor([1.0, 2.0, 4.0, 8.0])  # step k's per-sample losses ar
 
 
 class TinyDiffusion(L.LightningModule):
-    """What TrainMetrics reads of VideoDiffusion: `net`, `step_metrics`, and each step's per-sample
-    `step_timesteps` and `step_losses` (fixed here, so the bucket means are known)."""
+    """What TrainMetrics reads of VideoDiffusion: `net`, and what each training step returns, a StepOutputs with
+    the step's metrics and per-sample timesteps and losses (fixed here, so the bucket means are known)."""
 
     def __init__(self, grad_checkpointing: bool = False):
         super().__init__()
@@ -37,7 +38,6 @@ class TinyDiffusion(L.LightningModule):
         self.net = SpaceTimeDiT(
             in_channels=3, text_dim=TEXT_DIM, width=32, depth=2, heads=2, grad_checkpointing=grad_checkpointing
         )
-        self.step_metrics: dict = {}
         self.micro_batches = 0
 
     def training_step(self, batch, batch_idx):
@@ -51,9 +51,10 @@ class TinyDiffusion(L.LightningModule):
         )
         loss = (self.net(x0, TIMESTEPS, cond) - x0).square().mean()
         self.micro_batches += 1
-        self.step_timesteps, self.step_losses = TIMESTEPS, LOSS_SCALE * self.micro_batches
-        self.step_metrics = {"train/loss": loss.detach(), "lr": torch.tensor(0.1)}
-        return loss
+        metrics = {"train/loss": loss.detach(), "lr": torch.tensor(0.1)}
+        losses = LOSS_SCALE * self.micro_batches
+        step = StepOutputs(losses, TIMESTEPS, [], torch.tensor(True), metrics)
+        return {"loss": loss, "step": step}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.net.parameters(), lr=0.0)
@@ -148,24 +149,24 @@ class TwoIdenticalRanks:
 def test_counts_are_summed_over_ranks_and_mfu_is_per_device(tmp_path):
     callback = TrainMetrics(MetricsLog(tmp_path / "m.csv"), 1)
     callback.peak = 1e12
-    module = SimpleNamespace(step_metrics={"train/loss": torch.tensor(0.5)}, device=torch.device("cpu"))
-    module.step_timesteps, module.step_losses = torch.tensor([0.1, 0.6]), torch.tensor([1.0, 3.0])
+    module = SimpleNamespace(device=torch.device("cpu"))
+    metrics = {"train/loss": torch.tensor(0.5)}
 
     def interval():
         callback.reset()
         callback.clips, callback.tokens, callback.flops = 8, 800, 8e12
         callback.compute_seconds, callback.wait_seconds = 3.0, 1.0
         callback.last_losses = None
-        callback.add_bucket_losses(module)
+        callback.add_bucket_losses(torch.tensor([0.1, 0.6]), torch.tensor([1.0, 3.0]))
 
     interval()
-    one = callback.compute(SimpleNamespace(strategy=TwoIdenticalRanks(), world_size=1), module)
+    one = callback.compute(SimpleNamespace(strategy=TwoIdenticalRanks(), world_size=1), module, metrics)
     interval()
     one = callback.compute(
-        SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), world_size=1), module
+        SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), world_size=1), module, metrics
     )
     interval()
-    two = callback.compute(SimpleNamespace(strategy=TwoIdenticalRanks(), world_size=2), module)
+    two = callback.compute(SimpleNamespace(strategy=TwoIdenticalRanks(), world_size=2), module, metrics)
     assert one == {
         "train/loss": 0.5,
         "clips_per_sec": 2.0,

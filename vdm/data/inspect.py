@@ -1,6 +1,7 @@
 """Stream shards through the pipeline as training would, and report what comes out.
 
     python -m vdm.data.inspect 'data/moving_digits/train-{000000..000003}.tar.gz'
+    python -m vdm.data.inspect shards/*.tar extra/shard-000000.tar        # any number of paths or patterns
     python -m vdm.data.inspect --config conf/data/moving_digits.yaml --train --limit 512
 
 Prints the samples decoded and skipped (by reason), the clip shapes (buckets) seen, and clips per second.
@@ -24,7 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m vdm.data.inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("shards", nargs="?", help="brace pattern of shards (else the config's train_shards)")
+    parser.add_argument(
+        "shards", nargs="*", help="shard paths or brace patterns, any number (else the config's train_shards)"
+    )
     parser.add_argument("--config", type=Path, help="a data config (conf/data/*.yaml): inspect exactly that pipeline")
     parser.add_argument(
         "--train",
@@ -49,8 +52,9 @@ def build_data(args: argparse.Namespace) -> VideoData:
     settings = {}
     if args.config:
         settings = {k: v for k, v in yaml.safe_load(args.config.read_text()).items() if not k.startswith("_")}
-    if args.shards:
-        settings |= {"train_shards": args.shards, "sources": None, "eval_shards": None}
+    if args.shards:  # one pattern, or the paths a shell glob expanded to
+        shards = args.shards[0] if len(args.shards) == 1 else list(args.shards)
+        settings |= {"train_shards": shards, "sources": None, "eval_shards": None}
     if not settings.get("train_shards") and not settings.get("sources"):
         raise SystemExit("give shards, or a --config with train_shards or sources")
     settings |= {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,9 @@ from vdm.data.pipeline import VideoShardDataset
 from vdm.data.shards import REMOTE_SCHEMES, expand_shards
 from vdm.data.skips import SkipCounter
 from vdm.data.stream import Source
+from vdm.signals import deferred, ignore_stop_signals
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,19 +69,60 @@ class VideoData:
             shards = expand_shards(source["shards"], self.remote_schemes)
             self.train_sources.append(Source(tuple(shards), float(source.get("weight", 1.0))))
         self.eval_shard_list = expand_shards(self.eval_shards, self.remote_schemes) if self.eval_shards else []
+        self.sample_size = (self.size, self.size)  # (height, width) of sample videos
         self.bucket_list = self._buckets()
         FrameSampling(short_clips=self.short_clips)  # checks short_clips
         self.skips = SkipCounter(max_fraction=self.max_skip_fraction)
 
     def _buckets(self) -> list[Bucket]:
         if self.buckets:
-            try:
-                return [Bucket(**{k: b[k] for k in ("frames", "height", "width", "batch_size")}) for b in self.buckets]
-            except (KeyError, TypeError) as error:
-                raise ValueError(f"buckets: each needs frames, height, width, batch_size ({error})") from error
+            return self._given_buckets()
         buckets = [Bucket(self.num_frames, self.size, self.size, self.batch_size)]
         if self.image_batch_size:
             buckets.append(Bucket(1, self.size, self.size, self.image_batch_size))
+        return buckets
+
+    def _given_buckets(self) -> list[Bucket]:
+        """data.buckets, checked key by key; num_frames, size and batch_size then follow the first video bucket
+        (what samples are drawn at and the global batch is counted in), and the log says so."""
+        keys = ("frames", "height", "width", "batch_size")
+        buckets = []
+        for index, bucket in enumerate(self.buckets):
+            if not isinstance(bucket, dict):
+                raise ValueError(f"buckets[{index}]: expected {{{', '.join(keys)}}}, got {bucket!r}")
+            unknown, missing = sorted(set(bucket) - set(keys)), [k for k in keys if k not in bucket]
+            if unknown or missing:
+                raise ValueError(
+                    f"buckets[{index}]: "
+                    + "; ".join(
+                        [f"unknown key {k!r}" for k in unknown] + [f"missing {', '.join(missing)}"] * bool(missing)
+                    )
+                    + f" (a bucket has {', '.join(keys)})"
+                )
+            try:
+                buckets.append(Bucket(**bucket))
+            except ValueError as error:
+                raise ValueError(f"buckets[{index}]: {error}") from error
+        if self.image_batch_size:
+            raise ValueError(
+                "image_batch_size: with buckets, images train in a bucket of frames: 1 (add one to buckets) "
+                "instead; set data.image_batch_size=0"
+            )
+        first = next((b for b in buckets if b.frames > 1), buckets[0])
+        derived = {"num_frames": first.frames, "size": max(first.height, first.width), "batch_size": first.batch_size}
+        changed = {k: (getattr(self, k), v) for k, v in derived.items() if getattr(self, k) != v}
+        if changed:
+            log.info(
+                "data.buckets is set: %s follow its first video bucket (%dx%dx%d, batch %d), used for samples and "
+                "the global batch; every clip takes its bucket's shape and batch size",
+                ", ".join(f"data.{k} {old} -> {new}" for k, (old, new) in changed.items()),
+                first.frames,
+                first.height,
+                first.width,
+                first.batch_size,
+            )
+        self.num_frames, self.size, self.batch_size = first.frames, max(first.height, first.width), first.batch_size
+        self.sample_size = (first.height, first.width)
         return buckets
 
     def clip_maker(self, train: bool) -> ClipMaker:
@@ -131,7 +176,7 @@ class VideoData:
     @staticmethod
     def _loader(dataset: VideoShardDataset, num_workers: int) -> DataLoader:
         # the dataset batches itself (batch_size=None): each worker yields whole VideoBatches of one bucket
-        return DataLoader(
+        return WorkerSafeLoader(
             dataset,
             batch_size=None,
             num_workers=num_workers,
@@ -139,4 +184,14 @@ class VideoData:
             prefetch_factor=4 if num_workers > 0 else None,
             # pinned host memory: the copy to the GPU runs asynchronously (VideoBatch.to is non-blocking)
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals,
         )
+
+
+class WorkerSafeLoader(DataLoader):
+    """A DataLoader whose worker processes survive Slurm's stop signals (see vdm.signals): they are started with
+    SIGUSR1 and SIGTERM blocked and ignore them from their first line, so only the training process acts on them."""
+
+    def __iter__(self):
+        with deferred():  # the workers start here (once, with persistent workers)
+            return super().__iter__()

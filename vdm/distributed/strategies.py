@@ -1,5 +1,7 @@
 """Lightning strategies from typed settings: DDP, DeepSpeed ZeRO 1/2/3 (with CPU offload), FSDP2.
 
+Each settings class says what it does (`shards_parameters`, `name`), so config checks ask it rather than its type.
+
 Parallelism is applied from outside the model: the network names its block class
 (`SpaceTimeDiT.block_class`) and offers activation checkpointing; the strategies here wrap it.
 """
@@ -21,6 +23,9 @@ class DDP:
     gradient_as_bucket_view: bool = True  # gradients live in the buckets: no extra copy
     find_unused_parameters: bool = False
     timeout_minutes: int = 30
+
+    shards_parameters = False  # every rank holds every parameter
+    name = "DDP"
 
     def build(self, world_size: int = 2, micro_batch_size: int = 1):
         if world_size == 1:
@@ -57,6 +62,14 @@ class DeepSpeedZeRO:
         if self.offload_parameters and self.stage != 3:
             raise ValueError("offload_parameters needs stage 3 (parameters are partitioned only there)")
 
+    @property
+    def shards_parameters(self) -> bool:
+        return self.stage == 3
+
+    @property
+    def name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage}"
+
     def build(self, world_size: int = 2, micro_batch_size: int = 1):
         import logging
 
@@ -90,6 +103,9 @@ class FSDP2:
     reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3-like memory)
     mixed_precision: bool = True  # bf16 compute, fp32 reduction, on a GPU
     timeout_minutes: int = 30
+
+    shards_parameters = True
+    name = "FSDP2"
 
     def build(self, world_size: int = 2, micro_batch_size: int = 1):
         from lightning.pytorch.strategies import ModelParallelStrategy

@@ -31,13 +31,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from vdm.models.flops import tokens_per_clip, train_flops_per_clip
-from vdm.training.callbacks import Checkpointing, MetricsLog, ShardingReport
+from vdm.training.checkpointing import Checkpointing
 from vdm.training.ema import EMA
+from vdm.training.metrics_log import MetricsLog
 from vdm.training.module import VideoDiffusion, compute_dtype, drop_captions, step_generators
 from vdm.training.nonfinite import NonFiniteGuard
 from vdm.training.optim import AdamW
-from vdm.training.preemption import Preemption
+from vdm.training.preemption import Preemption, StopRequests
 from vdm.training.run_dir import RunDir
+from vdm.training.sharding_report import ShardingReport
 from vdm.training.throughput import TrainMetrics, peak_flops
 from vdm.training.trainer import TrainerSettings
 from vdm.types import VideoBatch
@@ -183,7 +185,7 @@ class StepClock(L.Callback):
         self.losses: list[Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(pl_module.step_metrics["train/loss"])
+        self.losses.append(outputs["step"].metrics["train/loss"])
         if trainer.global_step == self.timing.warmup_steps:
             synchronize(pl_module.device)
             self.start = time.perf_counter()
@@ -201,7 +203,7 @@ def per_step_callbacks(run_dir: RunDir, settings: TrainerSettings) -> list[L.Cal
         ShardingReport(run_dir),
         TrainMetrics(metrics_log, settings.log_every_n_steps, peak_flops_per_device=settings.peak_flops_per_device),
         NonFiniteGuard(run_dir, metrics_log, settings.max_nonfinite_steps_in_row),
-        Preemption(checkpointing),
+        Preemption(checkpointing, StopRequests()),
         metrics_log,
     ]
 

@@ -1,4 +1,8 @@
-"""Checkpoint files written straight into place and flushed to disk: no in-memory copy, no detour through /tmp."""
+"""Checkpoint files written straight into place and flushed to disk: no in-memory copy, no detour through /tmp.
+
+Also the one place that uses Lightning's private API for checkpoints (`checkpoint_state`); its test
+(tests/training/test_checkpoint_io.py) fails first if a Lightning release changes it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -16,7 +21,7 @@ class DirectCheckpointIO(TorchCheckpointIO):
     Lightning's default serializes the whole checkpoint into memory first, then writes it through an fsspec
     transaction that stages it in the system temp folder and moves it over: twice the checkpoint in host
     memory, and a full extra copy through /tmp (often a small tmpfs on cluster nodes). Atomicity comes from
-    vdm.training.callbacks.Checkpointing instead: it passes `<name>.partial` here and renames it only
+    vdm.training.checkpointing.Checkpointing instead: it passes `<name>.partial` here and renames it only
     when every rank is done, so writing in place is safe. Loading is Lightning's (memory-mapped torch.load).
     DeepSpeed and FSDP2 write their sharded directories themselves and never come here.
     """
@@ -47,3 +52,11 @@ def fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def checkpoint_state(trainer: L.Trainer) -> dict:
+    """The checkpoint `Trainer.save_checkpoint` would write (every callback's and the module's state), collected
+    on every rank. Trainer.save_checkpoint itself writes and then meets the other ranks at a barrier; vdm guards
+    the write in between (vdm.training.checkpointing), which needs the state apart from the write. Lightning has
+    no public call for that, so this is the one use of its private checkpoint connector."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)

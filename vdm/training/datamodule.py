@@ -94,3 +94,10 @@ class VideoDataModule(L.LightningDataModule):
         if state.get("seed") != self.seed:
             raise ValueError(f"the checkpoint's data stream has seed {state.get('seed')}, this run {self.seed}")
         self.restored = state
+
+
+class StreamPosition(L.Callback):
+    """Records each trained batch's data-stream position in the data module (saved with checkpoints)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.datamodule.tracker.update(batch)

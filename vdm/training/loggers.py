@@ -9,6 +9,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning.pytorch.loggers import WandbLogger
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,6 @@ class Wandb:
 
     def build(self, run_dir: Path, name: str, config: dict):
         import wandb
-        from lightning.pytorch.loggers import WandbLogger
 
         # one W&B run per run directory, kept across resumes
         id_file = run_dir / "wandb-id.txt"
@@ -64,7 +65,42 @@ class Wandb:
             log.warning("W&B online init failed (%s); logging offline in %s", error, run_dir / "wandb")
             wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
             run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **common)
-        return WandbLogger(experiment=run, save_dir=str(run_dir))
+        return ResilientWandbLogger(experiment=run, save_dir=str(run_dir))
+
+
+class ResilientWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, whose calls into W&B cannot end the run.
+
+    W&B's service process (wandb-core) exits on SIGTERM, and Slurm sends SIGTERM to every process of the job step
+    (scancel, the time limit, preemption; wandb/wandb#9963). Every later call into wandb then raises, and the run
+    would crash before it writes the checkpoint the signal asked for. Here the first failure is logged and W&B
+    logging stops for this process; metrics.csv keeps every row, and the resumed run continues the same W&B run.
+    """
+
+    failed = False
+
+    def _guarded(self, call, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # a broken pipe to a dead service, mostly
+            self.failed = True
+            log.warning("W&B logging stopped (%s: %s); metrics.csv has every row", type(error).__name__, error)
+            return None
+
+    def log_metrics(self, metrics, step=None):
+        return self._guarded(super().log_metrics, metrics, step)
+
+    def log_video(self, *args, **kwargs):
+        return self._guarded(super().log_video, *args, **kwargs)
+
+    def finalize(self, status):
+        return self._guarded(super().finalize, status)
+
+    def finish(self) -> None:
+        """End the W&B run (train.py, at the end)."""
+        self._guarded(self.experiment.finish)
 
 
 @dataclass

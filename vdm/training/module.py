@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
 from vdm.config_check import ConfigError
+from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
 from vdm.generate import SamplingSettings, generate
+from vdm.seeding import generator_for
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
-from vdm.training.seeding import generator_for
 from vdm.types import TextCond, VideoBatch
 
 CAPTION_STREAM = 1  # the caption-dropout draws' own stream, apart from the device's (t, noise)
-
-
-def is_deepspeed(strategy) -> bool:
-    return hasattr(strategy, "deepspeed_engine")
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
@@ -44,6 +42,24 @@ def skips_on_device(optimizer) -> bool:
     moments and the step count are left exactly as they were.
     """
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+@dataclass
+class StepOutputs:
+    """What one optimizer step computed, for the callbacks: `training_step` returns it as `outputs["step"]` and
+    Lightning hands it to every callback's `on_train_batch_end`. Under gradient accumulation every micro-batch
+    of a step returns the same object; `finished` turns true on the last one, when the optimizer step was taken.
+    """
+
+    losses: Tensor  # (B,) per-clip loss of the latest micro-batch, detached
+    timesteps: Tensor  # (B,) t of each clip of the latest micro-batch, 0 data .. 1 noise
+    keys: list[str]  # sample keys of this rank's micro-batches of the step
+    losses_finite: Tensor  # () bool: all this rank's losses of the step were finite (a device tensor: no sync)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # train/loss, lr, grad_norm: logged per interval
+    finished: bool = False  # the optimizer step was taken (the last micro-batch of the accumulation)
+    # the step changed the weights (False: skipped for a non-finite loss or gradient); a device bool tensor where
+    # the optimizer skips on the device (fused AdamW), so that no step waits on the host to decide
+    applied: Tensor | bool = True
 
 
 class VideoDiffusion(L.LightningModule):
@@ -79,16 +95,7 @@ class VideoDiffusion(L.LightningModule):
         self.__dict__["text_encoder"] = text_encoder  # not a submodule: see the class docstring
         self.parallelize = parallelize  # (net, device_mesh) -> net: sharding applied from outside (FSDP2)
         self.ema = ema if ema is not None and ema.enabled else None
-        self.step_metrics: dict[str, Tensor] = {}
-        # what the last optimizer step saw, for the callbacks (metrics per timestep, the non-finite guard)
-        self.step_timesteps: Tensor | None = None  # (B,) t of each clip, 0 data .. 1 noise
-        self.step_losses: Tensor | None = None  # (B,) per-clip loss
-        self.step_keys: list[str] = []  # sample keys of this rank's batches since the last optimizer step
-        self.step_losses_finite: Tensor | bool = True  # this rank's losses since the last optimizer step: all finite
-        # the last optimizer step changed the weights (False: skipped, non-finite); a device bool tensor where the
-        # optimizer skips on the device (fused AdamW), so that no step waits on the host to decide
-        self.step_applied: Tensor | bool = True
-        self.step_finished = True
+        self.current_step: StepOutputs | None = None  # the optimizer step under way (or the last one)
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
@@ -109,67 +116,82 @@ class VideoDiffusion(L.LightningModule):
     def encode_text(self, captions: list[str]) -> TextCond:
         return self.text_encoder.encode(captions)
 
-    def training_step(self, batch: VideoBatch, batch_idx: int) -> Tensor:
+    def losses(
+        self, batch: VideoBatch, generator: torch.Generator, captions: list[str] | None = None, t: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(per-clip loss (B,), t (B,)) of the objective on `batch`: training and the held-out loss both use it.
+
+        t and the noise are drawn from `generator` unless `t` is given (the held-out loss fixes it; its noise
+        is then drawn from `generator`); `captions` replace the batch's (training drops some of them).
+        """
+        x0 = self.autoencoder.encode(batch.pixels())
+        if t is None:
+            t, noise = self.objective.draw(x0, generator)
+        else:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        cond = self.encode_text(batch.captions if captions is None else captions)
+        return self.objective.loss_at(self.net, x0, cond, t, noise), t
+
+    def training_step(self, batch: VideoBatch, batch_idx: int) -> dict:
         # every random draw of this step comes from (seed, rank, step): resumed runs draw the same
         generator, caption_generator = step_generators(self.device, self.seed, self.global_rank, self.global_step)
         captions = self.drop_captions(batch.captions, caption_generator)
-        if self.step_finished:
-            self.step_keys, self.step_finished = [], False
-            self.step_losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # no host copy
-        x0 = self.autoencoder.encode(batch.pixels())
-        t, noise = self.objective.draw(x0, generator)
-        losses = self.objective.loss_at(self.net, x0, self.encode_text(captions), t, noise)  # (B,)
+        losses, t = self.losses(batch, generator, captions)  # (B,), (B,)
         loss = losses.mean()
-        self.step_timesteps, self.step_losses = t.detach(), losses.detach()
-        self.step_keys += list(batch.keys)
+        step = self.current_step
+        if step is None or step.finished:  # the first micro-batch of an optimizer step
+            finite = torch.ones((), dtype=torch.bool, device=self.device)  # made on the device: no host copy
+            step = self.current_step = StepOutputs(losses.detach(), t.detach(), [], finite)
+        step.losses, step.timesteps = losses.detach(), t.detach()
+        step.keys += list(batch.keys)
         # a device tensor: read in the vote after the backward pass, so the forward does not wait on the host
-        self.step_losses_finite = self.step_losses_finite & torch.isfinite(loss.detach())
-        self.step_metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
+        step.losses_finite = step.losses_finite & torch.isfinite(loss.detach())
+        step.metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             # Lightning reads every progress-bar value to the host after each step: only on logged steps
             self.log("loss", loss.detach(), prog_bar=True, logger=False)
-        return loss
+        return {"loss": loss, "step": step}
 
     def drop_captions(self, captions: list[str], generator: torch.Generator) -> list[str]:
         """Replace each caption by "" with probability caption_dropout; `generator` is a CPU generator."""
         return drop_captions(captions, self.caption_dropout, generator)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if is_deepspeed(self.trainer.strategy):
+        if steps_inside_engine(self.trainer.strategy):
             # DeepSpeed clips inside its step (gradient_clipping in its config) and skips a step whose gradient
             # norm is not finite on any rank by itself; the norm and the skip are read after it
             return
+        step = self.current_step
         # clip_grad_norm_ returns the norm before clipping: log it whether or not clipping is on
         max_norm = gradient_clip_val if gradient_clip_val else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
-        norm = norm.detach().float().full_tensor() if hasattr(norm, "full_tensor") else norm.detach()
-        self.step_metrics["grad_norm"] = norm
+        norm = full_value(torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm).detach().float())
+        step.metrics["grad_norm"] = norm
         # The norm is of the all-reduced gradients, the same on every rank; the local losses are not, so the
         # ranks vote: one rank's NaN skips the step everywhere, and the replicas stay equal.
-        bad = (~(torch.isfinite(norm) & self.step_losses_finite)).float()
+        bad = (~(torch.isfinite(norm) & step.losses_finite)).float()
         bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # ranks with a non-finite loss or norm
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # under Lightning's wrapper, if handed one
         if skips_on_device(optimizer):
             # the optimizer skips on the device when found_inf > 0: no host sync in the step
             optimizer.found_inf = (bad > 0).float().reshape(())  # the shape of the step counts it is taken from
-            self.step_applied = bad == 0
+            step.applied = bad == 0
         elif bad.item() > 0:  # other optimizers: the host decides (one sync per step)
             for param in self.net.parameters():
                 param.grad = None  # the optimizer leaves parameters without gradient (and their states) alone
-            self.step_applied = False
+            step.applied = False
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        self.step_applied = True  # until the clipping hook or DeepSpeed says otherwise
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
-        skipped_before = engine.skipped_steps if engine is not None else 0
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if engine is not None and engine.skipped_steps != skipped_before:
-            self.step_applied = False
-        if self.ema is not None and self.step_applied is not False:
+        strategy = self.trainer.strategy
+        skipped_before = skipped_steps(strategy)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # runs the closure: training_step
+        step = self.current_step
+        if skipped_steps(strategy) != skipped_before:
+            step.applied = False
+        if self.ema is not None and step.applied is not False:
             # a device tensor: the EMA moves by zero where the step was skipped
-            applied = None if self.step_applied is True else self.step_applied
+            applied = None if step.applied is True else step.applied
             self.ema.step(self.net.named_parameters(), self.global_step, applied=applied)
-        self.step_finished = True  # the next micro-batch starts a new step's keys and vote
+        step.finished = True  # the next micro-batch starts a new step's keys and vote
 
     @contextmanager
     def eval_weights(self, ema: bool = True):
@@ -182,11 +204,19 @@ class VideoDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, prompts: list[str], *, num_frames: int, size: int, settings: SamplingSettings, ema: bool = True
+        self,
+        prompts: list[str],
+        *,
+        num_frames: int,
+        size: int,
+        settings: SamplingSettings,
+        ema: bool = True,
+        first_index: int = 0,
     ) -> Tensor:
         """One clip per prompt, (N, C, T, H, W) in [-1, 1], with the EMA weights when `ema` and there are some.
 
-        The caller sets eval mode and the precision context; every rank must call it under sharded strategies.
+        Prompt i's noise is seeded with (settings.seed, first_index + i) (vdm.generate). The caller sets eval mode
+        and the precision context; every rank must call it under sharded strategies.
         """
         with self.eval_weights(ema) as net:
             return generate(
@@ -198,6 +228,7 @@ class VideoDiffusion(L.LightningModule):
                 num_frames=num_frames,
                 size=size,
                 settings=settings,
+                first_index=first_index,
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from vdm.distributed.parallel import local_part
 from vdm.training.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class NonFiniteTraining(RuntimeError):
 class NonFiniteGuard(L.Callback):
     """Counts, records and limits the skipped steps.
 
-    Where the module decides the skip on the device (`step_applied` a tensor: fused AdamW), the guard reads
+    Where the module decides the skip on the device (the step's `applied` a tensor: fused AdamW), the guard reads
     the steps' outcomes only every `trainer.log_every_n_steps` steps, at the last step and before a checkpoint,
     all of them in one read, so that the steps between never wait on the host. The records and counts are
     the same; a run that must stop stops at the next read (the skipped steps in between leave the weights
@@ -50,12 +51,12 @@ class NonFiniteGuard(L.Callback):
         self.pending: list[tuple[int, object, object, list[str]]] = []  # (step, applied, losses finite, keys)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self.last_step or not pl_module.step_finished:  # mid accumulation: no optimizer step yet
+        step, outputs = trainer.global_step, outputs["step"]  # vdm.training.module.StepOutputs
+        if step == self.last_step or not outputs.finished:  # mid accumulation: no optimizer step yet
             return
         self.last_step = step
-        applied = pl_module.step_applied
-        self.pending.append((step, applied, pl_module.step_losses_finite, list(pl_module.step_keys)))
+        applied = outputs.applied
+        self.pending.append((step, applied, outputs.losses_finite, list(outputs.keys)))
         if not torch.is_tensor(applied) or step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps:
             self.read(trainer)
 
@@ -134,14 +135,7 @@ def _gather(item: dict) -> list[dict]:
 
 def count_nonfinite(tensors) -> int:
     """Non-finite elements in this rank's part of `tensors` (ZeRO-3 partitions, DTensor shards, plain tensors)."""
-    count = 0
-    for tensor in tensors:
-        if hasattr(tensor, "ds_tensor"):
-            tensor = tensor.ds_tensor
-        elif hasattr(tensor, "to_local"):
-            tensor = tensor.to_local()
-        count += int((~torch.isfinite(tensor.detach())).sum())
-    return count
+    return sum(int((~torch.isfinite(local_part(tensor).detach())).sum()) for tensor in tensors)
 
 
 def check_finite_weights(trainer: L.Trainer, pl_module, step: int) -> None:

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 CHECKPOINT = re.compile(r"^step-(\d{9})\.ckpt$")
 
 
@@ -29,6 +31,10 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / "config.yaml"
+
+    def save_config(self, config: dict) -> None:
+        """config.yaml: the run's resolved config, as plain values (what export, sample and a resume read)."""
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def create(self) -> RunDir:
         for folder in (self.path, self.checkpoints, self.samples):

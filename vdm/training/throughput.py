@@ -27,10 +27,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from vdm.distributed.parallel import engine_gradient_norm
 from vdm.models.flops import forward_flops, tokens_per_clip, train_flops_per_clip
 
 if TYPE_CHECKING:
-    from vdm.training.callbacks import MetricsLog
+    from vdm.training.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ class TrainMetrics(L.Callback):
     process, the SIMD width, clocks and the matmul library), so MFU is left out there rather than
     logged against a made-up number.
 
-    Per-timestep-bucket losses read `pl_module.step_timesteps` (B,) in [0, 1] and `pl_module.step_losses`
-    (B,) after each training step; a module without them logs no buckets.
+    The step's own figures come from what the training step returned (`outputs["step"]`, a
+    vdm.training.module.StepOutputs): its metrics, and the per-clip losses (B,) at their timesteps t (B,) in
+    [0, 1] for the per-timestep-bucket losses.
     """
 
     def __init__(self, metrics_log: MetricsLog, every_n_steps: int, *, peak_flops_per_device: float | None = None):
@@ -142,10 +144,11 @@ class TrainMetrics(L.Callback):
             torch.cuda.synchronize(pl_module.device)  # the interval ends when its GPU work does
         self.compute_seconds += time.perf_counter() - self.batch_start
         self.clips += len(batch)
-        self.add_bucket_losses(pl_module)
+        step_outputs = outputs["step"]
+        self.add_bucket_losses(step_outputs.timesteps, step_outputs.losses)
         if log_now:
             self.last_logged_step = step
-            self.metrics_log.write(trainer, step, self.compute(trainer, pl_module))
+            self.metrics_log.write(trainer, step, self.compute(trainer, pl_module, step_outputs.metrics))
             self.reset()
 
     def count_forward(self, net, args, kwargs) -> None:
@@ -167,9 +170,9 @@ class TrainMetrics(L.Callback):
         self.flops += x.shape[0] * flops
         self.tokens += x.shape[0] * tokens
 
-    def add_bucket_losses(self, pl_module) -> None:
-        t, losses = getattr(pl_module, "step_timesteps", None), getattr(pl_module, "step_losses", None)
-        if t is None or losses is None or losses is self.last_losses:
+    def add_bucket_losses(self, t: Tensor, losses: Tensor) -> None:
+        """Add one micro-batch's per-clip losses (B,) at their t (B,) to the buckets of t."""
+        if losses is self.last_losses:
             return
         self.last_losses = losses
         if self.bucket_sums is None:
@@ -195,13 +198,13 @@ class TrainMetrics(L.Callback):
             log.info("mfu against %.0f TFLOP/s per device (%s, %s)", peak / 1e12, name, trainer.precision)
         return peak
 
-    def compute(self, trainer, pl_module) -> dict[str, float]:
-        """This interval's metrics, reduced over the ranks. Every rank calls it (collectives); rank 0 writes."""
+    def compute(self, trainer, pl_module, step_metrics: dict[str, Tensor]) -> dict[str, float]:
+        """This interval's metrics (with the last step's `step_metrics`), reduced over the ranks. Every rank calls
+        it (collectives); rank 0 writes."""
         strategy, device = trainer.strategy, pl_module.device
-        engine = getattr(strategy, "deepspeed_engine", None)
-        if engine is not None and engine.get_global_grad_norm() is not None:  # DeepSpeed clips inside its step
-            pl_module.step_metrics["grad_norm"] = torch.as_tensor(float(engine.get_global_grad_norm()))
-        values = {k: strategy.reduce(v.float(), reduce_op="mean").item() for k, v in pl_module.step_metrics.items()}
+        if (norm := engine_gradient_norm(strategy)) is not None:  # DeepSpeed clips inside its step
+            step_metrics = step_metrics | {"grad_norm": norm}
+        values = {k: strategy.reduce(v.float(), reduce_op="mean").item() for k, v in step_metrics.items()}
 
         # one collective for every count: clips, tokens, FLOPs, then each bucket's loss sum and sample count
         buckets = (

@@ -29,6 +29,9 @@ class TrainerSettings:
     max_nonfinite_steps_in_row: int = 5  # optimizer steps skipped for a non-finite loss/gradient before the run stops
     # FLOP/s of one device at the run's precision, for MFU on a GPU that vdm.training.throughput's table lacks
     peak_flops_per_device: float | None = None
+    # intra-op threads of each training process; None: OMP_NUM_THREADS, else the Slurm allocation's cores of this
+    # task, else the cores shared by the training processes of the node, less one per data worker (threads.py)
+    threads_per_process: int | None = None
     progress_bar: bool = True
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class TrainerSettings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.threads_per_process is not None and self.threads_per_process < 1:
+            raise ValueError(f"threads_per_process must be null or >= 1 (got {self.threads_per_process})")
         precisions = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
         if self.precision not in precisions:
             raise ValueError(f"precision must be one of {', '.join(precisions)} (got {self.precision!r})")
@@ -72,6 +77,9 @@ class TrainerSettings:
         else:
             per_node = len(str(self.devices).split(","))
         return per_node * self.num_nodes
+
+    def processes_per_node(self) -> int:
+        return self.world_size() // self.num_nodes
 
     def build(self, callbacks: list[L.Callback], logger, strategy="auto") -> L.Trainer:
         from vdm.training.checkpoint_io import DirectCheckpointIO
@@ -95,7 +103,7 @@ class TrainerSettings:
             gradient_clip_val=self.gradient_clip or None,
             callbacks=callbacks,
             logger=logger if logger is not None else False,
-            enable_checkpointing=False,  # vdm.training.callbacks.Checkpointing saves atomically instead
+            enable_checkpointing=False,  # vdm.training.checkpointing.Checkpointing saves atomically instead
             enable_progress_bar=self.progress_bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,

@@ -1,0 +1,85 @@
+"""Checks across config sections: what each section's own checks (vdm.config_check, the settings classes'
+__post_init__) cannot see. They run on the built parts, before anything trains; each raises a ConfigError that
+names the key to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vdm.config_check import ConfigError
+
+
+def check_run_keys(config: dict) -> None:
+    """The top-level keys of conf/config.yaml, which have no settings class of their own."""
+    if not isinstance(config["seed"], int) or isinstance(config["seed"], bool):
+        raise ConfigError(f"seed: expected int, got {config['seed']!r}")
+    if config["resume"] not in ("auto", "never") and not Path(str(config["resume"])).exists():
+        raise ConfigError(f"resume: expected auto, never or an existing checkpoint path, got {config['resume']!r}")
+    if config["init_from"] is not None and not str(config["init_from"]).endswith(".safetensors"):
+        raise ConfigError(
+            f"init_from: expected a .safetensors weights file (scripts/export.py), got {config['init_from']!r}"
+        )
+    for key in ("init_strict", "init_ema"):
+        if not isinstance(config[key], bool):
+            raise ConfigError(f"{key}: expected true or false, got {config[key]!r}")
+
+
+def check_compatible(net, autoencoder, data) -> None:
+    """Every clip shape of the data must fit the model, after the autoencoder's compression."""
+    pt, ph, pw = net.patch_size
+    for bucket in data.bucket_list:
+        key = "data.buckets" if data.buckets else ("data.image_batch_size" if bucket.frames == 1 else "data")
+        frames = bucket.frames // autoencoder.temporal_factor if bucket.frames > 1 else 1
+        height, width = bucket.height // autoencoder.spatial_factor, bucket.width // autoencoder.spatial_factor
+        if frames % pt or height % ph or width % pw:
+            raise ConfigError(
+                f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} (frames x height x "
+                f"width) do not divide into model.patch_size {list(net.patch_size)}"
+            )
+        if frames > net.max_frames or max(height, width) > net.max_size:
+            raise ConfigError(
+                f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} exceed "
+                f"model.max_frames={net.max_frames} / model.max_size={net.max_size}"
+            )
+
+
+def check_sampler(sampling, objective) -> None:
+    """A sampler of another objective would fail only when the first videos are drawn, often at the end."""
+    if sampling.sampler is not None and sampling.sampler not in objective.samplers:
+        raise ConfigError(
+            f"sampling.sampler: {sampling.sampler!r} is not a sampler of {type(objective).__name__} "
+            f"(valid: {', '.join(objective.samplers)})"
+        )
+
+
+def check_ema_strategy(ema, strategy) -> None:
+    """The EMA is a full float32 copy of the weights on every rank: only where every rank holds all of them."""
+    if ema.enabled and strategy.shards_parameters:
+        raise ConfigError(
+            f"ema.enabled: an EMA is not supported with {strategy.name}, which shards the parameters "
+            "(a full EMA copy per rank would undo the sharding); use ema.enabled=false, or ZeRO-2/DDP"
+        )
+
+
+def check_global_batch(settings, data) -> int:
+    """Clips per optimizer step over all ranks (of data.batch_size: the first video bucket's); checked for every
+    video bucket (every bucket, if all are images) against trainer.global_batch_size when that is set."""
+    world_size, accumulate = settings.world_size(), settings.accumulate_grad_batches
+    checked = [(i, b) for i, b in enumerate(data.bucket_list) if b.frames > 1] or list(enumerate(data.bucket_list))
+    for index, bucket in checked:
+        global_batch = bucket.batch_size * accumulate * world_size
+        if settings.global_batch_size is not None and settings.global_batch_size != global_batch:
+            key = f"data.buckets[{index}].batch_size" if data.buckets else "data.batch_size"
+            raise ConfigError(
+                f"trainer.global_batch_size: {settings.global_batch_size} != {key} {bucket.batch_size} x "
+                f"trainer.accumulate_grad_batches {accumulate} x world size {world_size} = {global_batch}"
+            )
+    return data.batch_size * accumulate * world_size
+
+
+def check_parts(parts) -> None:
+    """Every cross-section check, on the built parts of a run (train.py's Parts)."""
+    check_compatible(parts.net, parts.autoencoder, parts.data)
+    check_ema_strategy(parts.ema, parts.strategy)
+    check_sampler(parts.sampling, parts.objective)
+    check_global_batch(parts.trainer, parts.data)
