@@ -72,9 +72,11 @@ class Preemption(L.Callback):
     def vote(self) -> tuple[bool, bool]:
         """(stop, terminate): some rank received a signal / some rank received SIGTERM, as of the last boundary."""
         received = self.requests.received
-        flags = torch.tensor([float(received is not None), float(received == signal.SIGTERM)], dtype=torch.float64)
+        stop, terminate = received is not None, received == signal.SIGTERM
         if self._group is None:
-            return bool(flags[0]), bool(flags[1])
+            return stop, terminate
+        # host tensors over gloo: reading them waits for the other ranks' vote, never for the accelerator
+        flags = torch.tensor([float(stop), float(terminate)], dtype=torch.float64)
         result = torch.zeros(2, dtype=torch.float64)
         if self._pending is not None:
             work, result = self._pending
