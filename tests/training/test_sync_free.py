@@ -118,5 +118,49 @@ def test_the_watch_sees_the_unfused_optimizers_host_vote(tmp_path, monkeypatch):
     assert len(votes) == 3, reads
 
 
+def adamw_steps(fused: bool, found_inf_at: int | None = None) -> tuple[list[torch.Tensor], dict]:
+    """Five AdamW steps (vdm's settings) on fixed parameters and gradients; `found_inf_at`: a step skipped the way
+    the module skips a non-finite one on the device (found_inf = 1)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=fused).build(params)
+    for step in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        if step == found_inf_at:
+            optimizer.found_inf = torch.ones(())
+        optimizer.step()
+        scheduler.step()
+        optimizer.found_inf = torch.zeros(()) if fused else None
+    return [p.detach().clone() for p in params], optimizer.state_dict()["state"]
+
+
+def test_fused_adamw_trains_like_the_unfused_one():
+    fused, _ = adamw_steps(fused=True)
+    unfused, _ = adamw_steps(fused=False)
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the same update, up to rounding
+
+
+def test_a_step_fused_adamw_skips_on_the_device_changes_nothing():
+    skipped, state = adamw_steps(fused=True, found_inf_at=4)  # the last of five steps skipped
+    _, applied_state = adamw_steps(fused=True)
+    assert int(state[0]["step"]) == 4 and int(applied_state[0]["step"]) == 5  # the step count did not advance
+    for a, b in zip(skipped, adamw_four_steps()):  # the parameters are those after step 4, bit for bit
+        assert torch.equal(a, b)
+
+
+def adamw_four_steps() -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=True).build(params)
+    for step in range(4):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+        optimizer.step()
+        scheduler.step()
+    return [p.detach().clone() for p in params]
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
