@@ -32,9 +32,11 @@ def inputs():
 
 def forward_backward(net):
     net.zero_grad(set_to_none=True)
-    out = net(*inputs())
+    device = next(net.parameters()).device
+    x, t, cond = inputs()
+    out = net(x.to(device), t.to(device), cond.to(device))
     out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+    return out.detach().cpu(), {n: p.grad.cpu() for n, p in net.named_parameters()}
 
 
 def assert_same(a, b, **tolerance):
@@ -93,12 +95,12 @@ def test_a_backend_that_cannot_run_here_is_refused_at_the_check_with_what_can():
         make(grad_checkpointing_scope="mlp")
 
 
-def compiled_matches_plain(monkeypatch, backend: str) -> None:
+def compiled_matches_plain(monkeypatch, backend: str, device: str = "cpu") -> None:
     torch._dynamo.reset()
     real = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: real(self, **({"backend": backend} | kw)))
-    reference = forward_backward(make(depth=1))
-    net = make(depth=1, compile_blocks=True)
+    reference = forward_backward(make(depth=1).to(device))
+    net = make(depth=1, compile_blocks=True).to(device)
     assert all(block._compiled_call_impl is not None for block in net.blocks)
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in make(depth=1).named_parameters()]  # names stay
     assert_same(forward_backward(net), reference, rtol=1e-4, atol=1e-5)
@@ -112,7 +114,8 @@ def test_compiled_blocks_trace_and_differentiate_like_the_plain_network(monkeypa
     compiled_matches_plain(monkeypatch, "aot_eager")
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's kernels are checked where they run: on a GPU")
 def test_inductor_compiled_blocks_give_the_plain_networks_outputs_and_gradients(monkeypatch):
-    # inductor's C++ kernels for one block: about 60 s on a 2-core CPU with a cold cache, 10 s with a warm one
-    compiled_matches_plain(monkeypatch, "inductor")
+    # inductor's Triton kernels for one block, the path compile_blocks takes on a GPU. On a CPU inductor writes
+    # C++ kernels instead (45-60 s for one block on the 2-core CI machine): aot_eager above covers the capture.
+    compiled_matches_plain(monkeypatch, "inductor", device="cuda")
