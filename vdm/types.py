@@ -30,8 +30,14 @@ class VideoBatch:
         """(B, C, T, H, W) float32 in [-1, 1], computed where the batch is (after the copy to the device)."""
         return self.video.float().div_(127.5).sub_(1.0)
 
-    def to(self, device: torch.device | str) -> VideoBatch:
-        return replace(self, video=self.video.to(device), fps=self.fps.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> VideoBatch:
+        """The batch on `device`. Copies to an accelerator do not block the host (None: non-blocking unless the
+        target is the CPU, where a non-blocking copy from a GPU could be read before it lands); from pinned
+        memory (the loader pins on a GPU machine) they overlap with the work already queued."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type != "cpu"
+        copy = {"non_blocking": non_blocking}
+        return replace(self, video=self.video.to(device, **copy), fps=self.fps.to(device, **copy))
 
     def pin_memory(self) -> VideoBatch:
         return replace(self, video=self.video.pin_memory(), fps=self.fps.pin_memory())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from torch.utils.data import DataLoader
 
 from vdm.data.buckets import Bucket
@@ -181,6 +182,8 @@ class VideoData:
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
+            # pinned host memory: the copy to the GPU runs asynchronously (VideoBatch.to is non-blocking)
+            pin_memory=torch.cuda.is_available(),
             worker_init_fn=ignore_stop_signals,
         )
 

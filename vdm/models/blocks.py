@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend
+from torch.utils.checkpoint import checkpoint
 
 from vdm.models.attention import Attention
 from vdm.models.embeddings import sincos_1d
@@ -32,17 +34,27 @@ class SpaceTimeBlock(nn.Module):
     branch keeps its silent init.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: bool = True, qk_norm: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        temporal: bool = True,
+        qk_norm: bool = True,
+        attention_backends: list[SDPBackend] | None = None,
+    ):
         super().__init__()
         self.enable_temporal = temporal
+        # selective activation checkpointing: recompute only the attention branches in the backward pass
+        self.checkpoint_attention = False
         # No affine parameters: the modulation plays that role.
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.spatial_attn = Attention(dim, heads, qk_norm=qk_norm)
+        self.spatial_attn = Attention(dim, heads, qk_norm=qk_norm, backends=attention_backends)
         if temporal:
-            self.temporal_attn = Attention(dim, heads, qk_norm=qk_norm)
+            self.temporal_attn = Attention(dim, heads, qk_norm=qk_norm, backends=attention_backends)
             # rows: shift, scale, gate of the temporal branch
             self.temporal_modulation = nn.Parameter(torch.zeros(3, dim))
-        self.cross_attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm)
+        self.cross_attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm, backends=attention_backends)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         # rows: shift, scale, gate for spatial, cross and mlp branches, in that order
@@ -57,13 +69,21 @@ class SpaceTimeBlock(nn.Module):
         temporal_modulation: Tensor | None = None,  # (B, 3, D), required when enable_temporal
     ) -> Tensor:
         B, T, S, D = x.shape
+        recompute = self.checkpoint_attention and self.training and torch.is_grad_enabled()
+
+        def attend(attention: Attention, h: Tensor, **context) -> Tensor:
+            # with checkpoint_attention, the attention's activations are recomputed in the backward pass
+            if recompute:
+                return checkpoint(attention, h, use_reentrant=False, **context)
+            return attention(h, **context)
+
         mod = modulation + self.modulation  # (B, 9, D)
         mod = rearrange(mod, "b n d -> n b 1 1 d")  # each row broadcasts over (T, S)
         shift_s, scale_s, gate_s, shift_c, scale_c, gate_c, shift_m, scale_m, gate_m = mod
 
         # (1) spatial: tokens attend within their own frame
         h = modulate(self.norm(x), shift_s, scale_s)
-        h = self.spatial_attn(rearrange(h, "b t s d -> (b t) s d"))
+        h = attend(self.spatial_attn, rearrange(h, "b t s d -> (b t) s d"))
         x = x + gate_s * rearrange(h, "(b t) s d -> b t s d", b=B)
 
         # (2) temporal: each spatial location attends across frames
@@ -76,12 +96,12 @@ class SpaceTimeBlock(nn.Module):
             h = rearrange(h, "b t s d -> (b s) t d")
             # attention is permutation-invariant; the encoding tells the branch the frame order
             frame_pos = sincos_1d(torch.arange(T, device=x.device), D).to(h.dtype)  # (T, D)
-            h = self.temporal_attn(h + frame_pos)
+            h = attend(self.temporal_attn, h + frame_pos)
             x = x + gate_t * rearrange(h, "(b s) t d -> b t s d", b=B)
 
         # (3) cross-attention: every token of the clip reads the caption
         h = modulate(self.norm(x), shift_c, scale_c)
-        h = self.cross_attn(rearrange(h, "b t s d -> b (t s) d"), context=context, context_mask=context_mask)
+        h = attend(self.cross_attn, rearrange(h, "b t s d -> b (t s) d"), context=context, context_mask=context_mask)
         x = x + gate_c * rearrange(h, "b (t s) d -> b t s d", t=T)
 
         # (4) MLP

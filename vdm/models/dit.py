@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vdm.models.attention import check_backends, parse_backends
 from vdm.models.blocks import SpaceTimeBlock, modulate
 from vdm.models.embeddings import PatchEmbed3d, TimestepEmbedding, sincos_2d
 from vdm.types import TextCond
@@ -42,6 +43,16 @@ class SpaceTimeDiT(nn.Module):
 
     An image is a clip with T = 1. With temporal=False the blocks have no temporal branch, and the
     same weights load by name into a temporal=True model whose new layers start silent.
+
+    Speed and memory switches, none of which changes what the network computes:
+    grad_checkpointing recomputes activations in the backward pass: of every `grad_checkpointing_every`-th
+    block (0, k, 2k, ...), the whole block (`grad_checkpointing_scope="block"`) or only its three attention
+    branches ("attention": their activations grow with the sequence; the MLP's are kept).
+    compile_blocks compiles each SpaceTimeBlock with torch.compile, in place (regional compilation: one
+    block's graph is compiled once and reused by all, the parameter names stay, and the strategies wrap the
+    compiled blocks as they wrap the others; activation checkpointing recomputes the compiled block).
+    attention_backend restricts scaled_dot_product_attention to SDPA kernels (flash, cudnn, efficient,
+    math, or a list of them); `check_attention_backend` says at start whether they can run.
     """
 
     # Distributed strategies wrap this class from outside (FSDP auto-wrap, activation checkpointing).
@@ -62,6 +73,10 @@ class SpaceTimeDiT(nn.Module):
         max_frames: int = 64,
         max_size: int = 512,
         grad_checkpointing: bool = False,
+        grad_checkpointing_every: int = 1,
+        grad_checkpointing_scope: str = "block",
+        compile_blocks: bool = False,
+        attention_backend: str | list[str] | None = None,
     ):
         super().__init__()
         for name, value in [
@@ -72,6 +87,7 @@ class SpaceTimeDiT(nn.Module):
             ("heads", heads),
             ("max_frames", max_frames),
             ("max_size", max_size),
+            ("grad_checkpointing_every", grad_checkpointing_every),
         ]:
             _check_positive_int(name, value)
         patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size
@@ -81,6 +97,11 @@ class SpaceTimeDiT(nn.Module):
             or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in patch_size)
         ):
             raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw) (patch_size={patch_size!r})")
+        if grad_checkpointing_scope not in ("block", "attention"):
+            raise ValueError(f"grad_checkpointing_scope must be block or attention (got {grad_checkpointing_scope!r})")
+        if not isinstance(compile_blocks, bool):
+            raise ValueError(f"compile_blocks must be true or false (got {compile_blocks!r})")
+        backends = parse_backends(attention_backend)
         if width % heads != 0:
             raise ValueError(f"width must be divisible by heads (width={width}, heads={heads})")
         if width % 4 != 0:
@@ -95,7 +116,11 @@ class SpaceTimeDiT(nn.Module):
         self.temporal = temporal
         self.max_frames = max_frames
         self.max_size = max_size
+        self.heads = heads
         self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing_every = grad_checkpointing_every
+        self.grad_checkpointing_scope = grad_checkpointing_scope
+        self.attention_backends = backends
 
         pt, ph, pw = patch_size
         self.patch_embed = PatchEmbed3d(in_channels, width, patch_size)
@@ -109,10 +134,17 @@ class SpaceTimeDiT(nn.Module):
         if temporal:
             self.temporal_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
         self.blocks = nn.ModuleList(
-            SpaceTimeBlock(width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm) for _ in range(depth)
+            SpaceTimeBlock(
+                width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm, attention_backends=backends
+            )
+            for _ in range(depth)
         )
         self.final = FinalLayer(width, pt * ph * pw * in_channels)
         self.initialize_weights()
+        self.set_grad_checkpointing(grad_checkpointing)
+        if compile_blocks:
+            for block in self.blocks:
+                block.compile()  # in place: the module, its parameters and their names stay
 
     def initialize_weights(self) -> None:
         """Set every parameter. Safe to call again, e.g. after `to_empty()` on a meta-built model."""
@@ -155,6 +187,21 @@ class SpaceTimeDiT(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.grad_checkpointing = enabled
+        for index, block in enumerate(self.blocks):
+            block.checkpoint_attention = (
+                enabled and self.grad_checkpointing_scope == "attention" and (self.checkpointed(index))
+            )
+
+    def checkpointed(self, index: int) -> bool:
+        """Whether block `index` is recomputed (whole, or its attention) when grad_checkpointing is on."""
+        return index % self.grad_checkpointing_every == 0
+
+    def check_attention_backend(self, device: torch.device, dtype: torch.dtype) -> None:
+        """ValueError now if attention_backend cannot run on `device` in `dtype`, rather than at the first step."""
+        try:
+            check_backends(self.attention_backends, self.heads, self.width // self.heads, device, dtype)
+        except ValueError as error:
+            raise ValueError(f"attention_backend: {error}") from None
 
     def _check_input(self, x: Tensor, t: Tensor, cond: TextCond) -> None:
         if x.ndim != 5:
@@ -191,10 +238,18 @@ class SpaceTimeDiT(nn.Module):
             rearrange(self.temporal_modulation(c), "b (n d) -> b n d", n=3) if self.temporal else None
         )  # (B, 3, D)
 
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        use_checkpoint = (
+            self.grad_checkpointing
+            and self.grad_checkpointing_scope == "block"
+            and self.training
+            and torch.is_grad_enabled()
+        )
+        for index, block in enumerate(self.blocks):
             args = (tokens, context, cond.mask, modulation, temporal_modulation)
-            tokens = checkpoint(block, *args, use_reentrant=False) if use_checkpoint else block(*args)
+            if use_checkpoint and self.checkpointed(index):
+                tokens = checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens = block(*args)
 
         out = self.final(tokens, c)  # (B, t, s, pt*ph*pw*C)
         pt, ph, pw = self.patch_size

@@ -42,16 +42,29 @@ def tokens_per_clip(net: nn.Module, frames: int, height: int, width: int) -> int
     return t * h * w
 
 
-def block_flops(block: nn.Module, t: int, s: int, text_tokens: int) -> int:
-    """One SpaceTimeBlock over t frames of s tokens, reading L = text_tokens caption tokens."""
-    D, F = block.mlp[0].in_features, block.mlp[0].out_features
+def attention_flops(block: nn.Module, t: int, s: int, text_tokens: int) -> int:
+    """The three attention branches of one SpaceTimeBlock (projections included), over t frames of s tokens."""
+    D = block.mlp[0].in_features
     N, L = t * s, text_tokens
     flops = _linear(N, D, 3 * D) + _linear(N, D, D) + t * _attention(s, s, D)  # spatial: q, kv, out; in-frame
     if block.enable_temporal:
         flops += _linear(N, D, 3 * D) + _linear(N, D, D) + s * _attention(t, t, D)  # across frames, per location
     flops += _linear(N, D, D) + _linear(L, D, 2 * D) + _linear(N, D, D) + _attention(N, L, D)  # cross: q, kv, out
-    flops += _linear(N, D, F) + _linear(N, F, D)  # MLP
     return flops
+
+
+def block_flops(block: nn.Module, t: int, s: int, text_tokens: int) -> int:
+    """One SpaceTimeBlock over t frames of s tokens, reading L = text_tokens caption tokens."""
+    D, F = block.mlp[0].in_features, block.mlp[0].out_features
+    return attention_flops(block, t, s, text_tokens) + _linear(t * s, D, F) + _linear(t * s, F, D)  # + MLP
+
+
+def recomputed_flops(net: nn.Module, t: int, s: int, text_tokens: int) -> int:
+    """What activation checkpointing computes again in the backward pass: the forward of the checkpointed
+    blocks (every `grad_checkpointing_every`-th), whole or only their attention (`grad_checkpointing_scope`)."""
+    every = getattr(net, "grad_checkpointing_every", 1)
+    part = attention_flops if getattr(net, "grad_checkpointing_scope", "block") == "attention" else block_flops
+    return sum(part(block, t, s, text_tokens) for index, block in enumerate(net.blocks) if index % every == 0)
 
 
 def forward_flops(net: nn.Module, frames: int, height: int, width: int, text_tokens: int) -> int:
@@ -78,7 +91,7 @@ def train_flops_per_clip(
 ) -> int:
     """FLOPs of one training step's forward and backward for one clip: 3 forwards (the backward computes
     gradients of both the activations and the weights, 2 matmuls for each forward one; Kaplan et al. 2020,
-    Sec. 2.1), plus the blocks' forward once more when activation checkpointing recomputes it.
+    Sec. 2.1), plus the forward that activation checkpointing recomputes (`recomputed_flops`).
 
     `recompute` defaults to the network's own `grad_checkpointing`. With recomputation counted this is
     the work the hardware does (what the PaLM paper calls HFU rather than MFU): it is what a run's
@@ -90,4 +103,4 @@ def train_flops_per_clip(
     if not recompute:
         return 3 * forward
     t, h, w = patch_grid(net, frames, height, width)
-    return 3 * forward + sum(block_flops(block, t, h * w, text_tokens) for block in net.blocks)
+    return 3 * forward + recomputed_flops(net, t, h * w, text_tokens)

@@ -180,12 +180,14 @@ class OpenCLIPTextEncoder(nn.Module):
     def encode(self, captions: list[str]) -> TextCond:
         if isinstance(captions, str) or not captions or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"captions must be a non-empty list of str (got {type(captions).__name__})")
-        ids = self.tokenizer(list(captions), context_length=self.context_length).to(self.device)  # (B, L)
+        ids = self.tokenizer(list(captions), context_length=self.context_length)  # (B, L), on the host
+        # Padding carries nothing the masked attention downstream reads: drop the columns no caption uses. The
+        # length is read from the host's ids (numpy), not the device's, which would wait for the GPU.
+        length = int((ids.numpy() != self._pad_id).sum(axis=1).max())
+        ids = ids.to(self.device, non_blocking=True)
         x = self._features(ids)  # (B, L, D)
         pooled = text_global_pool(x, ids, self._pool_type, eos_token_id=self._eos_id)  # (B, D)
         if self.pooled_is_projected:
             pooled = self._project(pooled)
-        mask = ids != self._pad_id  # (B, L) True on SOT .. EOT
-        # Padding carries nothing the masked attention downstream reads: drop the columns no caption uses.
-        length = int(mask.sum(dim=1).max())
-        return TextCond(tokens=x[:, :length].float(), mask=mask[:, :length], pooled=pooled.float())
+        mask = ids[:, :length] != self._pad_id  # (B, length) True on SOT .. EOT
+        return TextCond(tokens=x[:, :length].float(), mask=mask, pooled=pooled.float())

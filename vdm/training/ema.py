@@ -52,18 +52,26 @@ class EMA:
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
     @torch.no_grad()
-    def step(self, named_parameters: Iterable[tuple[str, Tensor]], step: int) -> bool:
-        """Called after optimizer step `step` (1-based) was applied; returns whether the EMA changed."""
+    def step(self, named_parameters: Iterable[tuple[str, Tensor]], step: int, applied: Tensor | None = None) -> bool:
+        """Called after optimizer step `step` (1-based) was applied; returns whether the EMA may have changed.
+
+        `applied`: where the optimizer skips non-finite steps on the device, a bool tensor saying whether this
+        step was applied; the average then moves by zero on a skipped step, decided on the device, not the host
+        (the warm-up count still advances: a skipped step changes the decay schedule by one step).
+        """
         if not self.enabled or step < self.start_step:
             return False
         named = list(named_parameters)
-        if not self.weights:  # the first update: a copy
+        if not self.weights:  # the first update: a copy (of unchanged weights, if this step was skipped)
             self.weights = {name: p.detach().float().clone() for name, p in named}
             return True
         if (step - self.start_step) % self.update_every:
             return False
         weight = 1.0 - self.decay_at(self.num_updates) ** self.update_every
         averages = [self.weights[name] for name, _ in named]
+        if applied is not None:
+            # a tensor weight, one per tensor: the overload with a single tensor weight reads it to the host
+            weight = [applied.float() * weight] * len(averages)  # (): 0 on a skipped step
         torch._foreach_lerp_(averages, [p.detach().float() for _, p in named], weight)
         self.num_updates += 1
         return True

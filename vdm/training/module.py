@@ -9,12 +9,39 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from vdm.config_check import ConfigError
 from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
 from vdm.generate import SamplingSettings, generate
 from vdm.seeding import generator_for
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
 from vdm.types import TextCond, VideoBatch
+
+CAPTION_STREAM = 1  # the caption-dropout draws' own stream, apart from the device's (t, noise)
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with `probability` (trains the unconditional model for CFG).
+
+    `generator` is a CPU generator: the captions are host data, and a draw on the GPU would have to be read
+    back to the host, which waits for every kernel queued before it.
+    """
+    drop = torch.rand(len(captions), generator=generator).numpy() < probability
+    return ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+
+
+def step_generators(device: torch.device, seed: int, rank: int, step: int) -> tuple[torch.Generator, torch.Generator]:
+    """(device generator for t and noise, CPU generator for caption dropout), each a function of (seed, rank, step)."""
+    return generator_for(device, seed, rank, step), generator_for(torch.device("cpu"), seed, rank, step, CAPTION_STREAM)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether `optimizer.step` reads `optimizer.found_inf` and skips the update on the device when it is non-zero.
+
+    torch's fused Adam/AdamW do (it is how GradScaler skips a step without a host sync): the parameters, the
+    moments and the step count are left exactly as they were.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 @dataclass
@@ -30,7 +57,9 @@ class StepOutputs:
     losses_finite: Tensor  # () bool: all this rank's losses of the step were finite (a device tensor: no sync)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # train/loss, lr, grad_norm: logged per interval
     finished: bool = False  # the optimizer step was taken (the last micro-batch of the accumulation)
-    applied: bool = True  # the step changed the weights (False: skipped for a non-finite loss or gradient)
+    # the step changed the weights (False: skipped for a non-finite loss or gradient); a device bool tensor where
+    # the optimizer skips on the device (fused AdamW), so that no step waits on the host to decide
+    applied: Tensor | bool = True
 
 
 class VideoDiffusion(L.LightningModule):
@@ -74,6 +103,12 @@ class VideoDiffusion(L.LightningModule):
             self.parallelize(self.net, mesh)
 
     def on_fit_start(self) -> None:
+        check_backend = getattr(self.net, "check_attention_backend", None)
+        if check_backend is not None:  # at start, not at the first step: a backend that cannot run stops here
+            try:
+                check_backend(self.device, compute_dtype(self.trainer.precision))
+            except ValueError as error:
+                raise ConfigError(f"model.{error}") from None
         self.text_encoder.to(self.device)
         if self.ema is not None:
             self.ema.to(self.device)
@@ -99,27 +134,27 @@ class VideoDiffusion(L.LightningModule):
 
     def training_step(self, batch: VideoBatch, batch_idx: int) -> dict:
         # every random draw of this step comes from (seed, rank, step): resumed runs draw the same
-        generator = generator_for(self.device, self.seed, self.global_rank, self.global_step)
-        captions = self.drop_captions(batch.captions, generator)
+        generator, caption_generator = step_generators(self.device, self.seed, self.global_rank, self.global_step)
+        captions = self.drop_captions(batch.captions, caption_generator)
         losses, t = self.losses(batch, generator, captions)  # (B,), (B,)
         loss = losses.mean()
         step = self.current_step
         if step is None or step.finished:  # the first micro-batch of an optimizer step
-            step = self.current_step = StepOutputs(
-                losses.detach(), t.detach(), [], torch.tensor(True, device=self.device)
-            )
+            finite = torch.ones((), dtype=torch.bool, device=self.device)  # made on the device: no host copy
+            step = self.current_step = StepOutputs(losses.detach(), t.detach(), [], finite)
         step.losses, step.timesteps = losses.detach(), t.detach()
         step.keys += list(batch.keys)
         # a device tensor: read in the vote after the backward pass, so the forward does not wait on the host
         step.losses_finite = step.losses_finite & torch.isfinite(loss.detach())
         step.metrics = {"train/loss": loss.detach(), "lr": torch.tensor(self.lr_schedulers().get_last_lr()[0])}
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # Lightning reads every progress-bar value to the host after each step: only on logged steps
+            self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return {"loss": loss, "step": step}
 
     def drop_captions(self, captions: list[str], generator: torch.Generator) -> list[str]:
-        """Replace each caption by "" with probability caption_dropout (trains the unconditional model for CFG)."""
-        drop = torch.rand(len(captions), generator=generator, device=generator.device) < self.caption_dropout
-        return ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist())]
+        """Replace each caption by "" with probability caption_dropout; `generator` is a CPU generator."""
+        return drop_captions(captions, self.caption_dropout, generator)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if steps_inside_engine(self.trainer.strategy):
@@ -134,7 +169,13 @@ class VideoDiffusion(L.LightningModule):
         # The norm is of the all-reduced gradients, the same on every rank; the local losses are not, so the
         # ranks vote: one rank's NaN skips the step everywhere, and the replicas stay equal.
         bad = (~(torch.isfinite(norm) & step.losses_finite)).float()
-        if self.trainer.strategy.reduce(bad, reduce_op="sum").item() > 0:
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # ranks with a non-finite loss or norm
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # under Lightning's wrapper, if handed one
+        if skips_on_device(optimizer):
+            # the optimizer skips on the device when found_inf > 0: no host sync in the step
+            optimizer.found_inf = (bad > 0).float().reshape(())  # the shape of the step counts it is taken from
+            step.applied = bad == 0
+        elif bad.item() > 0:  # other optimizers: the host decides (one sync per step)
             for param in self.net.parameters():
                 param.grad = None  # the optimizer leaves parameters without gradient (and their states) alone
             step.applied = False
@@ -146,8 +187,10 @@ class VideoDiffusion(L.LightningModule):
         step = self.current_step
         if skipped_steps(strategy) != skipped_before:
             step.applied = False
-        if step.applied and self.ema is not None:
-            self.ema.step(self.net.named_parameters(), self.global_step)
+        if self.ema is not None and step.applied is not False:
+            # a device tensor: the EMA moves by zero where the step was skipped
+            applied = None if step.applied is True else step.applied
+            self.ema.step(self.net.named_parameters(), self.global_step, applied=applied)
         step.finished = True  # the next micro-batch starts a new step's keys and vote
 
     @contextmanager
@@ -200,5 +243,16 @@ class VideoDiffusion(L.LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
 
     def configure_optimizers(self):
+        # built after the strategy moved the network: the optimizer sees where the parameters are (fused on a GPU)
         optimizer, scheduler = self.optim.build(p for p in self.net.parameters() if p.requires_grad)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def compute_dtype(precision) -> torch.dtype:
+    """The dtype matmuls and attention run in under a Lightning precision."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32

@@ -33,32 +33,69 @@ class NonFiniteTraining(RuntimeError):
 
 
 class NonFiniteGuard(L.Callback):
+    """Counts, records and limits the skipped steps.
+
+    Where the module decides the skip on the device (the step's `applied` a tensor: fused AdamW), the guard reads
+    the steps' outcomes only every `trainer.log_every_n_steps` steps, at the last step and before a checkpoint,
+    all of them in one read, so that the steps between never wait on the host. The records and counts are
+    the same; a run that must stop stops at the next read (the skipped steps in between leave the weights
+    as they were).
+    """
+
     def __init__(self, run_dir: RunDir, metrics_log, patience: int):
         if patience < 1:
             raise ValueError(f"patience must be >= 1 (got {patience})")
         self.run_dir, self.metrics_log, self.patience = run_dir, metrics_log, patience
         self.total, self.in_row = 0, 0
         self.last_step = -1
+        self.pending: list[tuple[int, object, object, list[str]]] = []  # (step, applied, losses finite, keys)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, outputs = trainer.global_step, outputs["step"]  # vdm.training.module.StepOutputs
         if step == self.last_step or not outputs.finished:  # mid accumulation: no optimizer step yet
             return
         self.last_step = step
-        if outputs.applied:
-            self.in_row = 0
+        applied = outputs.applied
+        self.pending.append((step, applied, outputs.losses_finite, list(outputs.keys)))
+        if not torch.is_tensor(applied) or step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps:
+            self.read(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.read(trainer)
+
+    def read(self, trainer) -> None:
+        """Go through the pending steps' outcomes (one host read for all of them), in order."""
+        if not self.pending:
             return
+        pending, self.pending = self.pending, []
+        as_float = [torch.as_tensor(x, dtype=torch.float32).reshape(()) for _, a, f, _ in pending for x in (a, f)]
+        flags = torch.stack([x.to(as_float[0].device) for x in as_float]).tolist()  # applied, finite, ...
+        skipped = False
+        for index, (step, _, _, keys) in enumerate(pending):
+            applied, finite = bool(flags[2 * index]), bool(flags[2 * index + 1])
+            if applied:
+                self.in_row = 0
+                continue
+            skipped = True
+            self.record_skip(trainer, step, finite, keys)
+            if self.in_row >= self.patience:
+                if trainer.is_global_zero:
+                    self.metrics_log.write(trainer, trainer.global_step, {"nonfinite_steps": float(self.total)})
+                raise NonFiniteTraining(
+                    f"stopped at step {step}: {self.in_row} optimizer steps in a row had a non-finite loss or "
+                    f"gradient (limit trainer.max_nonfinite_steps_in_row={self.patience}); the weights are those "
+                    f"of step {step - self.in_row}; the skipped batches are listed in "
+                    f"{self.run_dir.path / 'nonfinite.jsonl'}"
+                )
+        if skipped:
+            self.metrics_log.write(trainer, trainer.global_step, {"nonfinite_steps": float(self.total)})
+
+    def record_skip(self, trainer, step: int, loss_finite: bool, keys: list[str]) -> None:
         self.total += 1
         self.in_row += 1
         record = {
             "step": step,
-            "ranks": _gather(
-                {
-                    "rank": trainer.global_rank,
-                    "loss_finite": bool(outputs.losses_finite),
-                    "keys": outputs.keys,
-                }
-            ),
+            "ranks": _gather({"rank": trainer.global_rank, "loss_finite": loss_finite, "keys": keys}),
         }
         if trainer.is_global_zero:
             with open(self.run_dir.path / "nonfinite.jsonl", "a") as file:
@@ -72,16 +109,16 @@ class NonFiniteGuard(L.Callback):
                 self.total,
                 "; ".join(f"rank {r['rank']} keys {r['keys']}" for r in (bad or record["ranks"])),
             )
-        self.metrics_log.write(trainer, step, {"nonfinite_steps": float(self.total)})
-        if self.in_row >= self.patience:
-            raise NonFiniteTraining(
-                f"stopped at step {step}: {self.in_row} optimizer steps in a row had a non-finite loss or gradient "
-                f"(limit trainer.max_nonfinite_steps_in_row={self.patience}); the weights are those of step "
-                f"{step - self.in_row}; the skipped batches are listed in {self.run_dir.path / 'nonfinite.jsonl'}"
-            )
 
     def state_dict(self) -> dict:
+        # a checkpoint (every rank writes its part together) holds the counts of every step before it
+        trainer = getattr(self, "trainer", None)
+        if self.pending and trainer is not None:
+            self.read(trainer)
         return {"total": self.total, "in_row": self.in_row}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.trainer = trainer
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.total, self.in_row = int(state_dict["total"]), int(state_dict["in_row"])
