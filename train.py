@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from vdm.command_line import check_command_line, run_name
+from vdm.command_line import build, build_network, check_command_line, run_name
 from vdm.config_check import ConfigError, check_config
 from vdm.init_from import init_from
 from vdm.run_checks import check_parts, check_run_keys
@@ -57,26 +55,12 @@ def assemble(cfg: DictConfig) -> Parts:
     check_run_keys(config)
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
 
-    torch.manual_seed(config["seed"])  # model init is a function of the seed
-    text_encoder = build(config, "text")
-    autoencoder = build(config, "autoencoder")
-    net = build(config, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
+    text_encoder, autoencoder, net = build_network(config)
     if config["init_from"] is not None:
         init_from(net, config)
     parts = Parts(config, text_encoder, autoencoder, net, *(build(config, section) for section in SECTIONS[3:]))
     check_parts(parts)
     return parts
-
-
-def build(config: dict | DictConfig, section: str, **supplied):
-    """Instantiate one config section; any error is re-raised as a ConfigError naming the section."""
-    try:
-        return hydra.utils.instantiate(config[section], **supplied, _convert_="all")
-    except InstantiationException as error:
-        cause = error.__cause__ or error
-        raise ConfigError(f"{section}: {cause}") from cause
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise ConfigError(f"{section}: {error}") from error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

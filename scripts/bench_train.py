@@ -28,49 +28,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
 
+from vdm.command_line import build, build_network, compose_config
 from vdm.config_check import ConfigError, check_config
 from vdm.training.bench import Parts, Timing, compare, make_batches, plain_run
 from vdm.training.bench import batch_loader as make_loader
 
 RGB = 3  # the clips are RGB pixels; the autoencoder maps them to its latents
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SECTIONS = ("text", "autoencoder", "model", "diffusion", "data", "optim", "trainer", "ema", "strategy")
-
-
-def build(config: dict, section: str, **supplied):
-    try:
-        return hydra.utils.instantiate(config[section], **supplied, _convert_="all")
-    except InstantiationException as error:
-        raise ConfigError(f"{section}: {error.__cause__ or error}") from error
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{section}: {error}") from error
-
-
-def compose(overrides: list[str]) -> dict:
-    """conf/config.yaml with the overrides, as train.py composes it (logger and sampling do not matter here)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def build_parts(config: dict) -> tuple[Parts, dict]:
     """Every part the training step uses, built from the config as train.py builds it."""
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
-    strategy = config["strategy"].get("_target_", "")
-    if not strategy.endswith(".DDP"):
-        raise ConfigError(f"strategy: the benchmark runs one process (strategy=ddp), got {strategy}")
-    torch.manual_seed(config["seed"])
-    text_encoder = build(config, "text")
-    autoencoder = build(config, "autoencoder")
-    net = build(config, "model", in_channels=autoencoder.latent_channels, text_dim=text_encoder.dim)
+    strategy = build(config, "strategy")
+    if strategy.name != "DDP":  # its plain loop is one process's step; DDP on one process is that step
+        raise ConfigError(f"strategy: the benchmark runs one process (strategy=ddp), got {strategy.name}")
+    text_encoder, autoencoder, net = build_network(config)
     settings = build(config, "trainer")
     if settings.world_size() != 1:
         raise ConfigError(f"trainer.devices: the benchmark runs one process, got {settings.world_size()}")
@@ -164,7 +139,7 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["python", "scripts/bench_train.py", *argv])
     try:
         timing = Timing(args.warmup, args.steps, args.repeats)
-        config = compose(overrides)
+        config = compose_config(overrides)
         parts, clip = build_parts(config)
         device = device_of(parts.settings)
         if args.find_max_batch:

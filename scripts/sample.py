@@ -12,9 +12,9 @@ same clips tiled in DIR/grid.mp4 and DIR/grid.gif, and DIR/prompts.txt (one prom
 
 Where the parts come from:
   * --run: the network from the run's newest complete checkpoint (runs/<name>/checkpoints/step-N.ckpt,
-    any layout train.py writes: Lightning file, DeepSpeed or FSDP2 directory), read with scripts/export.py's
-    readers (torch.load with weights_only=True; only a checkpoint that refuses it, which vdm does not
-    write, is unpickled in full, with a note), its model config from runs/<name>/config.yaml; the text
+    any layout train.py writes: Lightning file, DeepSpeed or FSDP2 directory), read by vdm/checkpoints.py
+    (torch.load with weights_only=True; only a checkpoint that refuses it, which vdm does not write, is
+    unpickled in full, with a note), its model config from runs/<name>/config.yaml; the text
     encoder, autoencoder and objective are built from the same config.yaml with Hydra, as train.py builds them.
   * --weights: the network from the .safetensors file (its metadata holds the model config; nothing is
     unpickled). The text encoder, autoencoder and objective come from --config (a run's config.yaml),
@@ -37,23 +37,18 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python scripts/sample.py`: make `scripts.export` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hydra
 import torch
-from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
+import yaml
 
 import vdm  # noqa: F401  (first: makes torchvision importable on CPU-only torch)
-from scripts.export import ExportError, model_config, read_checkpoint, split_state
+from vdm.checkpoints import CheckpointError, load_network
+from vdm.command_line import build, compose_config
 from vdm.data.video import encode_gif, encode_mp4
 from vdm.generate import SamplingSettings, generate, grid, to_uint8_frames
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import build_from_weights, has_ema
 from vdm.training.run_dir import RunDir
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SECTIONS = ("text", "autoencoder", "diffusion", "sampling", "data")  # what sampling reads of a run config
 
 
@@ -75,50 +70,29 @@ class Parts:
 
 
 def default_config() -> dict:
-    """The sections of conf/config.yaml as `python train.py` composes them with no overrides."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name="config")
-    return {section: OmegaConf.to_container(cfg[section], resolve=True) for section in SECTIONS}
+    """The sections of conf/config.yaml as `python train.py` composes it with no overrides."""
+    config = compose_config()
+    return {section: config[section] for section in SECTIONS}
 
 
 def read_config(path: Path) -> dict:
     if not path.is_file():
         raise SampleError(f"no run config at {path}")
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    missing = [section for section in ("text", "autoencoder", "diffusion") if section not in config]
+    config = yaml.safe_load(path.read_text())  # train.py writes it resolved, as plain values
+    missing = [section for section in ("text", "autoencoder", "diffusion") if section not in (config or {})]
     if missing:
         raise SampleError(f"{path}: not a run config (no {', '.join(missing)} section)")
     return config
 
 
-def build(config: dict, section: str, **overrides):
-    try:
-        return hydra.utils.instantiate(config[section], **overrides, _convert_="all")
-    except InstantiationException as error:  # Hydra wraps what the constructor raised: name the section
-        raise SampleError(f"{section}: {error.__cause__ or error}") from error
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        raise SampleError(f"{section}: {error}") from error
-
-
 def net_from_run(run: Path, config: dict, ema: bool) -> tuple[SpaceTimeDiT, str]:
-    """The network of a run's newest complete checkpoint, read through scripts/export.py's readers."""
+    """The network of a run's newest complete checkpoint, checked against the run's model config."""
     checkpoints = RunDir(run).complete_checkpoints()
     if not checkpoints:
         raise SampleError(f"{run}: no complete checkpoint in {RunDir(run).checkpoints}")
     step, path = checkpoints[-1]
-    found = read_checkpoint(path)
-    weights, ema_weights, _ = split_state(found["state_dict"], found["ema_entry"])
-    kwargs, _ = model_config(config, weights, run / "config.yaml")  # checks names and shapes against the config
-    if ema:
-        if ema_weights is None:
-            raise SampleError(f"{path}: --ema, but the checkpoint holds no EMA weights")
-        weights = ema_weights
-    with torch.device("meta"):  # no initialization that the checkpoint's weights would overwrite
-        net = SpaceTimeDiT(**kwargs)
-    net.load_state_dict(weights, strict=True, assign=True)
-    return net.eval(), f"{path} (step {step}{', EMA weights' if ema else ''})"
+    net = load_network(path, config.get("model"), run / "config.yaml", ema=ema)
+    return net, f"{path} (step {step}{', EMA weights' if ema else ''})"
 
 
 def load_parts(run: Path | None, weights: Path | None, config_path: Path | None, ema: bool) -> Parts:
@@ -293,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
-    except (SampleError, ExportError, ValueError, OSError) as error:
+    except (SampleError, CheckpointError, ValueError, OSError) as error:
         print(f"sample: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -58,7 +58,7 @@ def test_the_walk_sees_imports():
 
 
 ROOT = VDM.parent
-HYDRA_HOMES = {"train.py", "vdm/command_line.py", "scripts/sample.py"}  # the command line; sample builds like train
+HYDRA_HOMES = {"train.py", "vdm/command_line.py"}  # the command line; scripts build parts through command_line
 # what only vdm/distributed may ask of a strategy: its engine, its sharded tensors, its type
 STRATEGY_QUESTIONS = ("deepspeed_engine", "ds_tensor", "ds_numel", "to_local(", "full_tensor(", ".stage", '"FSDP2"')
 

@@ -1,8 +1,9 @@
-"""The command line as Hydra will read it, checked before Hydra reads it, and the run's name in a multirun.
+"""Hydra's side of vdm: the command line checked before Hydra reads it, the run's name in a multirun, the config
+composed as train.py composes it, and its sections built into parts.
 
 Hydra reports an unknown key with its own message and exit status 1; vdm promises `config error: <key>: ...`
 and status 2 for every bad config, so train.py composes the command line here first. Hydra lives in train.py,
-conf/ and this module only.
+conf/ and this module only; the scripts that build what train.py builds (sample, bench_train) come here.
 """
 
 from __future__ import annotations
@@ -99,3 +100,44 @@ def check_command_line(argv: list[str]) -> None:
                 key = match.group(1)
                 raise ConfigError(f"{key}: no such key (a new key needs +{key}=...)") from error
             raise ConfigError(" ".join(line.strip() for line in message.splitlines() if line.strip())) from error
+
+
+def compose_config(overrides: list[str] = (), config_name: str = "config") -> dict:
+    """conf/<config_name>.yaml with the overrides, composed as `python train.py` composes it, as plain values."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def build(config: dict, section: str, **supplied):
+    """Instantiate one config section; any error is re-raised as a ConfigError naming the section."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(config[section], **supplied, _convert_="all")
+    except InstantiationException as error:  # Hydra wraps what the constructor raised: name the section
+        cause = error.__cause__ or error
+        raise ConfigError(f"{section}: {cause}") from cause
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise ConfigError(f"{section}: {error}") from error
+
+
+def build_network(config: dict) -> tuple:
+    """(text encoder, autoencoder, network), the network's initialization a function of config["seed"].
+
+    The network's in_channels and text_dim are what the autoencoder and text encoder supply; they are recorded
+    in config["model"], so the run's config.yaml states them and export and sample check weights against them.
+    """
+    import torch
+
+    torch.manual_seed(config["seed"])
+    text_encoder = build(config, "text")
+    autoencoder = build(config, "autoencoder")
+    widths = {"in_channels": autoencoder.latent_channels, "text_dim": text_encoder.dim}
+    net = build(config, "model", **widths)
+    config["model"].update(widths)
+    return text_encoder, autoencoder, net

@@ -18,7 +18,8 @@ import pytest
 import torch
 import yaml
 
-from scripts.export import ExportError, export, main, split_state
+from scripts.export import export, main
+from vdm.checkpoints import CheckpointError, network_weights
 from tests.scripts.runs import train_two_steps
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import build_from_weights, load_weights, read_metadata
@@ -26,13 +27,11 @@ from vdm.types import TextCond
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(in_channels=3, text_dim=16, width=32, depth=2, heads=2, patch_size=[1, 2, 2])
-RUN_CONFIG = {  # what a run's config.yaml says about the parts the exporter reads
+RUN_CONFIG = {  # what the exporter reads of a run's config.yaml (in_channels, text_dim: from the weights)
     "model": {
         "_target_": "vdm.models.SpaceTimeDiT",
         **{k: v for k, v in TINY.items() if k not in ("in_channels", "text_dim")},
     },
-    "autoencoder": {"_target_": "vdm.autoencoders.IdentityAutoencoder", "channels": 3},
-    "text": {"_target_": "some.OtherTextEncoder"},  # a text encoder the exporter cannot size: text_dim unchecked
 }
 STEP = "step-000000001.ckpt"
 
@@ -247,7 +246,7 @@ def test_ema_in_a_lightning_checkpoint_is_exported(trained_run, tmp_path):
 
     partial = {**stored, "ema_state_dict": dict(list(ema.items())[:3])}
     torch.save(partial, tmp_path / "partial.ckpt")
-    with pytest.raises(ExportError, match="EMA does not cover"):
+    with pytest.raises(CheckpointError, match="EMA does not cover"):
         export(tmp_path / "partial.ckpt", tmp_path / "x.safetensors", config)
 
 
@@ -274,25 +273,25 @@ def test_export_casts_and_refuses_what_does_not_fit(trained_run, tmp_path):
     cases = {
         "depth": ({**config, "model": {**config["model"], "depth": 2}}, "do not fit the model config"),
         "channels": (
-            {**config, "autoencoder": {**config["autoencoder"], "channels": 4}},
-            "in_channels: the weights say 3, autoencoder.channels",
+            {**config, "model": {**config["model"], "in_channels": 4}},
+            "in_channels: the weights say 3, model.in_channels",
         ),
         "text": (
-            {**config, "text": {**config["text"], "model_name": "ViT-B-32"}},
-            "text_dim: the weights say 64, the text encoder's width .* says 512",
+            {**config, "model": {**config["model"], "text_dim": 512}},
+            "text_dim: the weights say 64, model.text_dim .* says 512",
         ),
         "target": ({**config, "model": {**config["model"], "_target_": "os.system"}}, "only vdm.models.SpaceTimeDiT"),
     }
     for name, (bad, message) in cases.items():
         run_config_yaml(tmp_path / name, bad)
-        with pytest.raises(ExportError, match=message):
+        with pytest.raises(CheckpointError, match=message):
             export(checkpoint, tmp_path / f"{name}.safetensors", tmp_path / name / "config.yaml")
         assert not (tmp_path / f"{name}.safetensors").exists()
-    with pytest.raises(ExportError, match="--config"):
+    with pytest.raises(CheckpointError, match="--config"):
         export(checkpoint, tmp_path / "x.safetensors", tmp_path / "nowhere.yaml")
-    with pytest.raises(ExportError, match=r"\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"\.safetensors"):
         export(checkpoint, tmp_path / "x.ckpt")
-    with pytest.raises(ExportError, match="neither a DeepSpeed checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a DeepSpeed checkpoint"):
         export(tmp_path, tmp_path / "x.safetensors", trained_run / "config.yaml")
 
 
@@ -340,11 +339,12 @@ def test_wrapper_prefixes_are_stripped_and_the_rest_left_out():
         "ema.module.blocks.1.attn.w": t,
         "ema.n_averaged": torch.tensor(1),
     }
-    net, ema, ignored = split_state(state, ema_entry=None)
+    found = network_weights(state)
+    net, ema, ignored = found.net, found.ema, found.ignored
     assert set(net) == set(ema) == {"blocks.0.w", "final.b", "patch_embed.w", "blocks.1.attn.w"}
     assert ignored == ["autoencoder.x"]
-    with pytest.raises(ExportError, match="no network weights"):
-        split_state({"model.w": t}, ema_entry=None)
+    with pytest.raises(CheckpointError, match="no network weights"):
+        network_weights({"model.w": t})
 
 
 # ---------------------------------------------------------------- Lightning + DeepSpeed ZeRO / FSDP2 directories

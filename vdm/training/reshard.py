@@ -14,28 +14,14 @@ The data stream is re-derived for the new layout by the data module (vdm.data.re
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
+from vdm.checkpoints import CheckpointError, checkpoint_layout
 from vdm.config_check import ConfigError
 
 log = logging.getLogger(__name__)
 
-ZERO_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
 UNIVERSAL = "universal"  # the universal copy's folder in a DeepSpeed checkpoint directory
-
-
-def written_by(checkpoint: Path) -> tuple[str, int | None]:
-    """(format, processes that wrote it): "file" (None: it is whole), "deepspeed" or "distributed"."""
-    if checkpoint.is_file():
-        return "file", None
-    if (checkpoint / "latest").is_file():  # DeepSpeed names the folder of the latest save here
-        folder = checkpoint / (checkpoint / "latest").read_text().strip()
-        ranks = {m.group(1) for p in folder.iterdir() if (m := ZERO_PARTITION.match(p.name))} if folder.is_dir() else ()
-        return "deepspeed", len(ranks) or None
-    ranks = {m.group(1) for p in checkpoint.iterdir() if (m := DCP_SHARD.match(p.name))}
-    return "distributed", len(ranks) or None
 
 
 def prepare_resume(checkpoint: Path | None, world_size: int, strategy) -> None:
@@ -43,20 +29,23 @@ def prepare_resume(checkpoint: Path | None, world_size: int, strategy) -> None:
     load it (a DeepSpeed checkpoint's universal copy, when the number of processes changed)."""
     if checkpoint is None:
         return
-    kind, writers = written_by(checkpoint)
+    try:
+        layout = checkpoint_layout(checkpoint)
+    except CheckpointError as error:
+        raise ConfigError(f"resume: {error}") from error
+    writers = layout.writers
     if writers is None or writers == world_size:
         return
     log.warning("resume: %s was written by %d processes, this run has %d", checkpoint, writers, world_size)
-    if kind != "deepspeed":
+    if layout.kind != "deepspeed":
         return  # torch.distributed.checkpoint re-shards it
     if not isinstance(getattr(strategy, "config", None), dict):
         raise ConfigError(f"resume: {checkpoint} is a DeepSpeed checkpoint; resume it with a DeepSpeed strategy")
     if not (checkpoint / "latest_universal").is_file():
-        tag = (checkpoint / "latest").read_text().strip()
         raise ConfigError(
             f"resume: {checkpoint} is a DeepSpeed ZeRO checkpoint written by {writers} processes and this run has "
             f"{world_size}; DeepSpeed re-partitions only a universal checkpoint. Write a universal copy into it once:\n"
-            f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint / tag} "
+            f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {checkpoint / layout.tag} "
             f"--output_folder {checkpoint / UNIVERSAL} --inject_missing_state\n"
             "then run the same command again: the run resumes from the universal copy."
         )
