@@ -41,12 +41,11 @@ from pathlib import Path
 import av
 from PIL import Image
 
+from vdm.data.clips import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS  # what the reader decodes
 from vdm.data.shard_writer import write_shard
 from vdm.data.video import probe
 
 # the media the pipeline reads (vdm/data); stored under these extensions, with jpeg as jpg
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 TAR_BLOCK = 512
 JSON_ESTIMATE = 160  # bytes of metadata besides the source path; only used to plan shard sizes

@@ -89,6 +89,13 @@ def test_no_script_imports_another_script(path):
     assert "sys.path.insert" not in path.read_text() and not imported, f"{path.name} imports {sorted(imported)}"
 
 
+@pytest.mark.parametrize("path", project_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_vdm_text_imports_open_clip(path):
+    # open_clip's registry, seeding and logging are set up in vdm/text/open_clip_models.py; others build there
+    uses = {m for m in imported_modules(path) if m.split(".")[0] == "open_clip"}
+    assert not uses or path.is_relative_to(VDM / "text"), f"{path.relative_to(ROOT)} imports {sorted(uses)}"
+
+
 def test_the_strategy_rule_sees_questions():
     # guard: the rule finds what it looks for where it is allowed
     assert "deepspeed_engine" in (VDM / "distributed" / "parallel.py").read_text()

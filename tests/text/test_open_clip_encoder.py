@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import vdm.text.open_clip_encoder as encoder_module
 from vdm.text import OpenCLIPTextEncoder
+from vdm.text.open_clip_models import MODEL_CONFIG_DIR
 
 import open_clip  # isort: skip  (after vdm, which makes torchvision importable first)
 
@@ -32,7 +32,7 @@ def caption_lengths(captions: list[str], context_length: int = 32) -> list[int]:
 
 def register_variant(tmp_path, name: str, **overrides) -> str:
     # a clip-tiny variant registered with open_clip under a new name
-    config = json.loads((encoder_module.MODEL_CONFIG_DIR / "clip-tiny.json").read_text())
+    config = json.loads((MODEL_CONFIG_DIR / "clip-tiny.json").read_text())
     config.update(overrides)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(config))

@@ -17,31 +17,26 @@ D embedding width.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from open_clip.model import CLIP, CustomTextCLIP
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from vdm.text.open_clip_encoder import _root_logging_at  # importing it also registers vdm's own configs
+from vdm.text.open_clip_models import create_model, get_tokenizer, image_normalization
 
 
 class ClipScorer(nn.Module):
     """A frozen open_clip model that scores videos against prompts."""
 
-    def __init__(self, model: CLIP | CustomTextCLIP, tokenizer, frame_batch: int = 256):
+    def __init__(self, model: nn.Module, tokenizer, frame_batch: int = 256):
         super().__init__()
         self.model, self.tokenizer, self.frame_batch = model, tokenizer, frame_batch
-        config = getattr(model.visual, "preprocess_cfg", {})
         size = model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        mean = config.get("mean", open_clip.OPENAI_DATASET_MEAN)
-        std = config.get("std", open_clip.OPENAI_DATASET_STD)
+        mean, std = image_normalization(model)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -55,15 +50,10 @@ class ClipScorer(nn.Module):
         .safetensors state dict; else random weights that depend only on (model_name, seed)."""
         if checkpoint is not None and Path(checkpoint).suffix != ".safetensors":
             raise ValueError(f"checkpoint must be a .safetensors file ({checkpoint})")  # pickles can run code
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with _root_logging_at(logging.ERROR if pretrained is None else logging.WARNING):
-                model = open_clip.create_model(model_name, pretrained=pretrained)
+        model = create_model(model_name, pretrained, seed)
         if checkpoint is not None:
             model.load_state_dict(load_file(str(checkpoint), device="cpu"), strict=True)
-        with _root_logging_at(logging.WARNING):
-            tokenizer = open_clip.get_tokenizer(model_name)
-        return cls(model, tokenizer)
+        return cls(model, get_tokenizer(model_name))
 
     def train(self, mode: bool = True) -> ClipScorer:
         return super().train(False)  # frozen: always in eval mode

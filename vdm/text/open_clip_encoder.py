@@ -6,11 +6,8 @@ D text width (the text transformer's width).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 
-import open_clip
 import torch
 from open_clip.model import CLIP, CustomTextCLIP, convert_to_custom_text_state_dict
 from open_clip.transformer import TextTransformer, text_global_pool
@@ -18,30 +15,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vdm.state_dicts import diff_state_dicts
+from vdm.text.open_clip_models import create_model, get_tokenizer
 from vdm.types import TextCond
-
-# Our own open_clip configs (clip-tiny: tests and laptop runs) join open_clip's registry, so that
-# open_clip.create_model and open_clip.get_tokenizer know them by name.
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def _is_text_key(key: str) -> bool:
     # everything in an open_clip state dict that is not the image tower or the contrastive temperature
     return not key.startswith("visual.") and key not in ("logit_scale", "logit_bias")
-
-
-@contextlib.contextmanager
-def _root_logging_at(level: int):
-    """open_clip reports each step of building a model on the root logger; keep that out of run logs
-    (and its "no pretrained weights" warning, which random init by design always triggers)."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(max(previous, level))
-    try:
-        yield
-    finally:
-        root.setLevel(previous)
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -77,10 +57,7 @@ class OpenCLIPTextEncoder(nn.Module):
             raise ValueError(f"checkpoint must be a .safetensors file; only .safetensors is accepted ({checkpoint})")
 
         # The random init must not depend on the caller's RNG state, nor change it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with _root_logging_at(logging.ERROR if pretrained is None else logging.WARNING):
-                model = open_clip.create_model(model_name, pretrained=pretrained)
+        model = create_model(model_name, pretrained, seed)
 
         if isinstance(model, CLIP):
             pool_type, eos_id, pad_id = model.text_pool_type, model.text_eos_id, 0
@@ -114,8 +91,7 @@ class OpenCLIPTextEncoder(nn.Module):
         self.pooled_is_projected = projection is not None and self.embed_dim == self.width
 
         self.context_length = model.context_length if max_length is None else min(max_length, model.context_length)
-        with _root_logging_at(logging.WARNING):
-            self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = get_tokenizer(model_name)
 
         if checkpoint is not None:
             self.load_text_state_dict(load_file(str(checkpoint), device="cpu"))
