@@ -1,9 +1,58 @@
-"""Reading run directories in tests: which steps a run logged and checkpointed."""
+"""Runs of train.py in tests, and reading their run directories back: the one copy of both.
+
+Every test that trains runs the real command line, `python train.py ...`, in a child process, as a user does.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "train.py"
+# a key in the environment would log to W&B; a Slurm job's variables would make a child run one of its tasks
+FOREIGN = ("WANDB_", "SLURM_")
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """This process's environment without W&B's and Slurm's variables, plus `extra`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)} | extra
+
+
+def run_train(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, **options):
+    """`python train.py *args` to its end: the CompletedProcess, output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(TRAIN_PY), *args],
+        cwd=cwd,
+        env=train_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **options,
+    )
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def train_two_steps(root: Path, *overrides: str) -> Path:
+    """Two optimizer steps of the default config (dit_tiny, clip-tiny text encoder, identity autoencoder, flow)
+    on the bundled data, run directory `root/x`, with no W&B, no evaluation and no intermediate checkpoint."""
+    args = [
+        *("name=x", f"run_root={root}", "logger=none", "evaluation=none", "trainer.progress_bar=false"),
+        *("trainer.max_steps=2", "trainer.checkpoint_every_n_steps=0", "data.batch_size=2", "data.num_workers=0"),
+        *overrides,
+    ]
+    succeeded(run_train(*args, env=train_env(OMP_NUM_THREADS="1"), timeout=300))
+    return root / "x"
+
+
+# ------------------------------------------------------------------ reading a run directory
 
 
 def train_steps(run: Path) -> list[int]:

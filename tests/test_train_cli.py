@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.runs import run_train
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "logger.mode=offline",
@@ -30,17 +32,7 @@ TINY = [
 TINY_NO_WANDB = [arg for arg in TINY if not arg.startswith("logger.")] + ["logger=none"]
 
 
-def train(*args: str, cwd: Path = ROOT, **run_options) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **run_options,
-    )
+train = run_train
 
 
 def metric_rows(run: Path) -> list[dict]:

@@ -9,7 +9,6 @@ sample of a pass begun once) is held by tests/data/test_reshard.py.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.test_strategies import CPU_ZERO, ROOT, TINY, losses
+from tests import runs
+from tests.distributed.test_strategies import CPU_ZERO, ROOT, TINY
+from tests.runs import run_train, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +31,15 @@ CHANGED = "data stream: the checkpoint was written by 2 processes x 1 loader wor
 
 
 def train(run_root: Path, strategy: str, devices: int, max_steps: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
     args = [f"run_root={run_root}", f"name={strategy}", f"trainer.devices={devices}", f"trainer.max_steps={max_steps}"]
-    return subprocess.run(
-        [sys.executable, "train.py", *args, *ARGS, *STRATEGIES[strategy]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_train(*args, *ARGS, *STRATEGIES[strategy])
 
 
 def succeeded(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return output(runs.succeeded(result))
+
+
+def output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 
 
@@ -69,7 +65,7 @@ def ddp(tmp_path_factory) -> Path:
 
 
 def test_ddp_resumes_on_fewer_then_more_processes(ddp):
-    assert sorted(losses(ddp)) == list(range(1, 7))
+    assert sorted(train_losses(ddp)) == list(range(1, 7))
 
 
 def test_fsdp2_resumes_on_fewer_then_more_processes_like_ddp(ddp, tmp_path):
@@ -77,7 +73,7 @@ def test_fsdp2_resumes_on_fewer_then_more_processes_like_ddp(ddp, tmp_path):
     assert CHANGED in succeeded(train(tmp_path, "fsdp2", 1, 4))
     # a single process with a process group still saves its stream position (the layout change is seen)
     assert "this run has 2 x 1" in succeeded(train(tmp_path, "fsdp2", 2, 6))
-    reference, resumed = losses(ddp), losses(tmp_path / "fsdp2")
+    reference, resumed = train_losses(ddp), train_losses(tmp_path / "fsdp2")
     assert sorted(resumed) == list(range(1, 7))
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
@@ -94,7 +90,7 @@ def test_zero2_is_refused_until_converted_to_a_universal_checkpoint_then_resumes
 
     output = succeeded(train(tmp_path, "zero2", 1, 4))
     assert "loading the universal copy" in output and CHANGED in output
-    reference, resumed = losses(ddp), losses(tmp_path / "zero2")
+    reference, resumed = train_losses(ddp), train_losses(tmp_path / "zero2")
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"

@@ -8,14 +8,12 @@ both ranks, so both must run the same forwards although 5 held-out batches and 3
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.runs import run_train, succeeded
 from vdm.data.video import decode_frames
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,11 +40,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """{layout: (run directory, output)}"""
     root = tmp_path_factory.mktemp("evaluation")
     outputs = {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
     for name, layout in LAYOUTS.items():
-        args = [sys.executable, "train.py", f"run_root={root}", f"name={name}", *SETTINGS, *layout]
-        result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        result = succeeded(run_train(f"run_root={root}", f"name={name}", *SETTINGS, *layout))
         outputs[name] = result.stdout + result.stderr
     return {name: (root / name, outputs[name]) for name in LAYOUTS}
 

@@ -7,14 +7,13 @@ what they promise to partition, and resume exactly from their own checkpoints.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.runs import run_train, succeeded, train_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_ZERO = "strategy._target_=tests.distributed.cpu_deepspeed.CPUDeepSpeedZeRO"
@@ -46,24 +45,8 @@ pytestmark = pytest.mark.slow
 
 
 def train(run_root: Path, name: str, strategy: str, max_steps: int) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "SLURM_"))}
-    args = [
-        sys.executable,
-        "train.py",
-        f"run_root={run_root}",
-        f"name={name}",
-        f"trainer.max_steps={max_steps}",
-        *TINY,
-        *STRATEGIES[strategy],
-    ]
-    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def losses(run: Path) -> dict[int, float]:
-    with open(run / "metrics.csv", newline="") as file:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(file) if r["train/loss"]}
+    args = [f"run_root={run_root}", f"name={name}", f"trainer.max_steps={max_steps}", *TINY, *STRATEGIES[strategy]]
+    return succeeded(run_train(*args))
 
 
 def sharding(run: Path) -> list[dict]:
@@ -81,7 +64,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3", "fsdp2"])
 def test_losses_equal_ddp_step_by_step(runs, strategy):
-    reference, other = losses(runs["ddp"]), losses(runs[strategy])
+    reference, other = train_losses(runs["ddp"]), train_losses(runs[strategy])
     assert sorted(reference) == sorted(other) == list(range(1, STEPS + 1))
     for step in reference:
         assert other[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
@@ -119,4 +102,4 @@ def test_checkpoint_resumes_exactly(runs, strategy, tmp_path):
     for max_steps in (STEPS // 2, STEPS):  # stop half way, then the same command continues
         result = train(tmp_path, strategy, strategy, max_steps)
     assert "resuming from" in result.stdout + result.stderr
-    assert losses(tmp_path / strategy) == losses(runs[strategy])
+    assert train_losses(tmp_path / strategy) == train_losses(runs[strategy])

@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from scripts.export import export, main
+from tests.runs import train_two_steps
 from vdm.checkpoints import CheckpointError, network_weights
-from tests.scripts.runs import train_two_steps
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import build_from_weights, load_weights, read_metadata
 from vdm.types import TextCond

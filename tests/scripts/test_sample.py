@@ -13,7 +13,7 @@ import torch
 
 from scripts.export import export
 from scripts.sample import main
-from tests.scripts.runs import train_two_steps
+from tests.runs import train_two_steps
 from vdm.data.video import decode_frames, probe
 from vdm.models import SpaceTimeDiT
 from vdm.models.weights import load_weights, save_weights

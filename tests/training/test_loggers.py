@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.runs import run_train, succeeded
+
 SENTINEL = "vdmsentinel" + "0123456789abcdef0123456789abcdef0"  # 40 characters, the length of a W&B key
 
 
@@ -40,11 +42,8 @@ def test_online_without_a_reachable_server_falls_back_offline_and_never_writes_t
 def test_a_training_run_never_writes_the_key_anywhere(tmp_path):
     """train.py online with a key from the environment (server unreachable, so it falls back offline):
     the key is in no file of the run (config, checkpoints, metrics, W&B files, logs) and in no output."""
-    from pathlib import Path
-
     import torch
 
-    root = Path(__file__).resolve().parents[2]
     env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(tmp_path),
@@ -66,10 +65,7 @@ def test_a_training_run_never_writes_the_key_anywhere(tmp_path):
         "sampling.prompts=[the digit 1 moves up]",
         "evaluation=none",
     ]
-    result = subprocess.run(
-        [sys.executable, str(root / "train.py"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = succeeded(run_train(*args, env=env, timeout=300))
     run = tmp_path / "secret"
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert (run / "config.yaml") in files and list(run.glob("wandb/offline-run-*/run-*.wandb"))
