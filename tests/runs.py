@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "train.py"
 # a key in the environment would log to W&B; a Slurm job's variables would make a child run one of its tasks
 FOREIGN = ("WANDB_", "SLURM_")
 
@@ -23,9 +22,10 @@ def train_env(**extra: str) -> dict[str, str]:
 
 
 def run_train(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600, **options):
-    """`python train.py *args` to its end: the CompletedProcess, output captured as text."""
+    """`python train.py *args` in `cwd` (the repository, or a copy of it) to its end: the CompletedProcess, output
+    captured as text."""
     return subprocess.run(
-        [sys.executable, str(TRAIN_PY), *args],
+        [sys.executable, "train.py", *args],
         cwd=cwd,
         env=train_env() if env is None else env,
         capture_output=True,
