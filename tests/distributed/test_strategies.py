@@ -8,6 +8,7 @@ what they promise to partition, and resume exactly from their own checkpoints.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -44,9 +45,9 @@ STEPS = 6
 pytestmark = pytest.mark.slow
 
 
-def train(run_root: Path, name: str, strategy: str, max_steps: int) -> subprocess.CompletedProcess:
+def train(run_root: Path, name: str, strategy: str, max_steps: int, *more: str) -> subprocess.CompletedProcess:
     args = [f"run_root={run_root}", f"name={name}", f"trainer.max_steps={max_steps}", *TINY, *STRATEGIES[strategy]]
-    return succeeded(run_train(*args))
+    return succeeded(run_train(*args, *more))
 
 
 def sharding(run: Path) -> list[dict]:
@@ -55,10 +56,10 @@ def sharding(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Each strategy trained STEPS steps from the same seed on the same data."""
+    """Each strategy trained STEPS steps from the same seed on the same data, with a checkpoint half way."""
     root = tmp_path_factory.mktemp("strategies")
     for strategy in STRATEGIES:
-        train(root, strategy, strategy, STEPS)
+        train(root, strategy, strategy, STEPS, f"trainer.checkpoint_every_n_steps={STEPS // 2}")
     return {strategy: root / strategy for strategy in STRATEGIES}
 
 
@@ -99,7 +100,13 @@ def test_zero3_and_fsdp2_partition_parameters_too(runs, strategy):
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_checkpoint_resumes_exactly(runs, strategy, tmp_path):
-    for max_steps in (STEPS // 2, STEPS):  # stop half way, then the same command continues
-        result = train(tmp_path, strategy, strategy, max_steps)
-    assert "resuming from" in result.stdout + result.stderr
+    # the run as a crash half way would have left it: its files, and no checkpoint after the half-way one
+    shutil.copytree(runs[strategy], tmp_path / strategy)
+    half_way = f"step-{STEPS // 2:09d}.ckpt"
+    later = [p for p in (tmp_path / strategy / "checkpoints").iterdir() if p.name > half_way]
+    assert later and (tmp_path / strategy / "checkpoints" / half_way).exists()
+    for checkpoint in later:
+        shutil.rmtree(checkpoint) if checkpoint.is_dir() else checkpoint.unlink()
+    result = train(tmp_path, strategy, strategy, STEPS)  # the same command again continues it
+    assert f"resuming from {tmp_path / strategy / 'checkpoints' / half_way}" in result.stdout + result.stderr
     assert train_losses(tmp_path / strategy) == train_losses(runs[strategy])
