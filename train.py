@@ -56,9 +56,9 @@ def assemble(cfg: DictConfig) -> Parts:
     check_config({k: config[k] for k in SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
 
     text_encoder, autoencoder, net = build_network(config)
-    if config["init_from"] is not None:
-        init_from(net, config)
+    inflation = init_from(net, config) if config["init_from"] is not None else None
     parts = Parts(config, text_encoder, autoencoder, net, *(build(config, section) for section in SECTIONS[3:]))
+    parts.inflation = inflation
     check_parts(parts)
     return parts
 

@@ -71,7 +71,9 @@ def test_xl_preset_is_about_700m_parameters():
         (["seed=abc"], "seed"),
         (["trainer.global_batch_size=17"], "trainer.global_batch_size"),  # 8 x 1 x 1
         (["strategy=deepspeed_zero2", "strategy.stage=4"], "stage"),
-        (["init_from=weights.pt"], "init_from"),  # safetensors only
+        (["init_from=weights.pt"], "init_from"),  # no such file
+        (["init_parity_tolerance=-1"], "init_parity_tolerance"),
+        (["init_parity_check=maybe"], "init_parity_check"),
         (["resume=/nonexistent.ckpt"], "resume"),
         (["strategy=fsdp2"], "ema.enabled: an EMA is not supported with FSDP2"),  # the settings say they shard
         (["strategy=deepspeed_zero3"], "ema.enabled: an EMA is not supported with DeepSpeed ZeRO-3"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -10,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.runs import run_train
+from vdm.models.weights import load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -210,7 +213,11 @@ def test_a_run_killed_in_the_middle_of_a_save_resumes_exactly_like_an_uninterrup
 
 
 @pytest.mark.slow
-def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_ended(tmp_path):
+def test_an_image_model_inflated_into_a_video_model_starts_where_it_ended(tmp_path):
+    """An image run's weights (its checkpoint, or the weights file export writes from it) start a video run: the
+    parity check passes, inflation.json lists every tensor, and at step 0 the video model's held-out loss is the
+    image model's last. A video model one block deeper is refused by the parity check, even with init_strict=false.
+    """
     # temporal patch 1 so the same patch embedding serves one-frame and multi-frame clips
     common = [
         f"run_root={tmp_path}",
@@ -223,15 +230,10 @@ def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_e
     ]
     image = train("name=image", "trainer.max_steps=3", "model.temporal=false", *common)
     assert image.returncode == 0, image.stderr[-3000:]
+    checkpoint = tmp_path / "image" / "checkpoints" / "step-000000003.ckpt"
     weights = tmp_path / "image.safetensors"
     export = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "export.py"),
-            str(tmp_path / "image" / "checkpoints" / "step-000000003.ckpt"),
-            "--out",
-            str(weights),
-        ],
+        [sys.executable, str(ROOT / "scripts" / "export.py"), str(checkpoint), "--out", str(weights)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -239,20 +241,39 @@ def test_an_image_model_exported_and_loaded_into_a_video_model_starts_where_it_e
     )
     assert export.returncode == 0, export.stderr[-3000:]
 
-    strict = train("name=strict", "trainer.max_steps=1", f"init_from={weights}", *common)
-    assert strict.returncode == 2 and "init_from" in strict.stderr  # the temporal layers are not in the file
-
     # the image run's held-out loss is measured with its EMA weights: start from those
-    video = train(
-        "name=video", "trainer.max_steps=1", f"init_from={weights}", "init_strict=false", "init_ema=true", *common
-    )
-    assert video.returncode == 0, video.stderr[-3000:]
+    for name, source in (("from_weights", weights), ("from_checkpoint", checkpoint)):
+        video = train(f"name={name}", "trainer.max_steps=1", f"init_from={source}", "init_ema=true", *common)
+        assert video.returncode == 0, video.stderr[-3000:]
+        assert "parity check passed" in video.stdout + video.stderr
+        report = json.loads((tmp_path / name / "inflation.json").read_text())
+        assert report["created"] and all("temporal" in n for n in report["created"]) and not report["unused"]
+        assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= 1e-5
 
     def held_out(name):
         return [float(r["val/loss"]) for r in metric_rows(tmp_path / name) if r["val/loss"]]
 
     # the video model's new temporal layers start silent: at step 0 it is the image model
-    assert held_out("video")[0] == held_out("image")[-1]
+    assert held_out("from_weights")[0] == held_out("from_checkpoint")[0] == held_out("image")[-1]
+
+    deeper = train("name=deeper", "trainer.max_steps=1", f"init_from={weights}", "model.depth=5", *common)
+    assert deeper.returncode == 2 and "blocks.4" in deeper.stderr  # the strict inflation names the new block
+    # three steps leave the gates so near zero that an extra block changes nothing measurable: give every tensor
+    # a trained model's size, so the block that the image model lacks shows
+    config, state = load_weights(weights)
+    generator = torch.Generator().manual_seed(0)
+    trained = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
+    save_weights(tmp_path / "trained.safetensors", trained, config)
+    loose = train(
+        "name=loose",
+        "trainer.max_steps=1",
+        f"init_from={tmp_path / 'trained.safetensors'}",
+        "model.depth=5",
+        "init_strict=false",
+        *common,
+    )
+    assert loose.returncode == 2 and "is not the image model" in loose.stderr  # the parity check refuses it
+    assert not (tmp_path / "loose").exists() or not list((tmp_path / "loose").rglob("*.ckpt"))
 
 
 @pytest.mark.slow

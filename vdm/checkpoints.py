@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
 from vdm.models import SpaceTimeDiT
-from vdm.models.weights import model_kwargs, save_weights
+from vdm.models.weights import load_weights, model_kwargs, save_weights
 from vdm.state_dicts import diff_state_dicts
 
 LEADING_WRAPPERS = ("_forward_module.", "module.")  # Lightning's wrapper, DeepSpeed's / DDP's wrapper
@@ -326,6 +327,28 @@ def load_network(path: str | Path, model: dict, source: str | Path, ema: bool = 
         net = SpaceTimeDiT(**arguments)
     net.load_state_dict(weights.ema if ema else weights.net, strict=True, assign=True)
     return net.eval()
+
+
+def read_weights(path: str | Path, ema: bool = False) -> tuple[dict, dict[str, Tensor]]:
+    """(SpaceTimeDiT arguments, network weights or its EMA's) of a weights file or of any training checkpoint.
+
+    A checkpoint's model arguments come from its run's config.yaml (runs/<name>/config.yaml above
+    runs/<name>/checkpoints/), checked against its weights as `model_arguments` does.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_weights(path, ema=ema)
+    config_path = run_config_path(path)
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no run config at {config_path} to build its network from")
+    checkpoint = read_checkpoint(path)
+    weights = network_weights(checkpoint.state_dict, checkpoint.ema_entry)
+    arguments, _ = model_arguments(
+        (yaml.safe_load(config_path.read_text()) or {}).get("model"), weights.net, config_path
+    )
+    if ema and weights.ema is None:
+        raise CheckpointError(f"{path}: EMA weights asked for, but the checkpoint holds none")
+    return arguments, weights.ema if ema else weights.net
 
 
 # ------------------------------------------------------------------ writing the weights file

@@ -15,13 +15,17 @@ def check_run_keys(config: dict) -> None:
         raise ConfigError(f"seed: expected int, got {config['seed']!r}")
     if config["resume"] not in ("auto", "never") and not Path(str(config["resume"])).exists():
         raise ConfigError(f"resume: expected auto, never or an existing checkpoint path, got {config['resume']!r}")
-    if config["init_from"] is not None and not str(config["init_from"]).endswith(".safetensors"):
+    if config["init_from"] is not None and not Path(str(config["init_from"])).exists():
         raise ConfigError(
-            f"init_from: expected a .safetensors weights file (scripts/export.py), got {config['init_from']!r}"
+            f"init_from: expected a .safetensors weights file or a training checkpoint, got {config['init_from']!r} "
+            "(no such file or directory)"
         )
-    for key in ("init_strict", "init_ema"):
+    for key in ("init_strict", "init_ema", "init_parity_check"):
         if not isinstance(config[key], bool):
             raise ConfigError(f"{key}: expected true or false, got {config[key]!r}")
+    tolerance = config["init_parity_tolerance"]
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
+        raise ConfigError(f"init_parity_tolerance: expected a number >= 0, got {tolerance!r}")
 
 
 def check_compatible(net, autoencoder, data) -> None:

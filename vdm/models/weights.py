@@ -242,7 +242,14 @@ def load_into(net: nn.Module, path: str | os.PathLike, ema: bool = False, strict
     error is raised. Values are converted to each parameter's dtype and device.
     """
     config, state_dict = load_weights(path, ema=ema)
-    missing, unexpected = _compare(net, state_dict, strict=strict, source=Path(path))
+    return load_state_into(net, state_dict, strict=strict, source=path, config=config)
+
+
+def load_state_into(
+    net: nn.Module, state_dict: dict[str, Tensor], strict: bool = True, source: str | os.PathLike = "", config=None
+) -> LoadReport:
+    """`load_into` for tensors already read (`source` names where they came from in errors)."""
+    missing, unexpected = _compare(net, state_dict, strict=strict, source=Path(source))
     matching = {k: v for k, v in state_dict.items() if k not in unexpected}
     net.load_state_dict(matching, strict=False)
-    return LoadReport(loaded=sorted(matching), missing=missing, unexpected=unexpected, config=config)
+    return LoadReport(loaded=sorted(matching), missing=missing, unexpected=unexpected, config=config or {})

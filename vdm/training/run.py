@@ -40,6 +40,7 @@ class Parts:
     strategy: Any
     ema: Any
     evaluation: Any
+    inflation: dict | None = None  # what init_from's inflation did and measured (vdm.init_from), for the run dir
 
 
 @dataclass
@@ -99,6 +100,8 @@ def fit(parts: Parts, name: str, run_root: Path, stop_requests: StopRequests) ->
         for partial in run_dir.remove_partial_checkpoints():
             log.warning("removed %s, a checkpoint whose save did not finish", partial)
         run_dir.save_config(config)
+        if parts.inflation is not None:
+            run_dir.save_inflation(parts.inflation)
         # the rows past the step this run starts from are logged again: drop them (a fresh start drops every
         # row, of an attempt that died before its first checkpoint); one rank, as rewriting at once loses rows
         match = CHECKPOINT.match(resume_from.name) if resume_from is not None else None

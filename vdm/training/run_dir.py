@@ -1,7 +1,8 @@
-"""A run's directory: runs/<name>/ with config.yaml, checkpoints/, metrics.csv, samples/, wandb/."""
+"""A run's directory: runs/<name>/ with config.yaml, checkpoints/, metrics.csv, samples/, wandb/ (inflation.json)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ class RunDir:
     def save_config(self, config: dict) -> None:
         """config.yaml: the run's resolved config, as plain values (what export, sample and a resume read)."""
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @property
+    def inflation(self) -> Path:
+        return self.path / "inflation.json"
+
+    def save_inflation(self, report: dict) -> None:
+        """inflation.json: every tensor an image model's weights gave the video model, and the parity check."""
+        self.inflation.write_text(json.dumps(report, indent=1) + "\n")
 
     def create(self) -> RunDir:
         for folder in (self.path, self.checkpoints, self.samples):
