@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.runs import run_train
-from vdm.models.weights import load_weights, save_weights
+from vdm.models.weights import read_weights_file, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -260,7 +260,7 @@ def test_an_image_model_inflated_into_a_video_model_starts_where_it_ended(tmp_pa
     assert deeper.returncode == 2 and "blocks.4" in deeper.stderr  # the strict inflation names the new block
     # three steps leave the gates so near zero that an extra block changes nothing measurable: give every tensor
     # a trained model's size, so the block that the image model lacks shows
-    config, state = load_weights(weights)
+    config, state = read_weights_file(weights)
     generator = torch.Generator().manual_seed(0)
     trained = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in state.items()}
     save_weights(tmp_path / "trained.safetensors", trained, config)

@@ -38,7 +38,7 @@ import yaml
 from torch import Tensor
 
 from vdm.models import SpaceTimeDiT
-from vdm.models.weights import load_weights, model_kwargs, save_weights
+from vdm.models.weights import model_kwargs, read_weights_file, save_weights
 from vdm.state_dicts import diff_state_dicts
 
 LEADING_WRAPPERS = ("_forward_module.", "module.")  # Lightning's wrapper, DeepSpeed's / DDP's wrapper
@@ -337,7 +337,7 @@ def read_weights(path: str | Path, ema: bool = False) -> tuple[dict, dict[str, T
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_weights(path, ema=ema)
+        return read_weights_file(path, ema=ema)
     config_path = run_config_path(path)
     if not config_path.is_file():
         raise CheckpointError(f"{path}: no run config at {config_path} to build its network from")

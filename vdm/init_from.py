@@ -84,15 +84,17 @@ def inflate_from(net: SpaceTimeDiT, arguments: dict, state_dict: dict, source: s
             raise ConfigError(
                 f"init_from: the inflated video model is not the image model {source}: on a random "
                 f"{'x'.join(map(str, found['clip'][1:]))} clip the largest difference is {found['max_abs_diff']:.3g} "
-                f"(tolerance init_parity_tolerance={found['tolerance']:g}) at (batch, channel, frame, row, column) "
-                f"{tuple(found['at'])}, first above the tolerance at {first['stage']} ({first['max_abs_diff']:.3g}). "
+                f"(tolerance init_parity_tolerance={found['tolerance']:g} x {found['scale']:.3g}, the largest output) "
+                f"at (batch, channel, frame, row, column) {tuple(found['at'])}, "
+                f"first above the tolerance at {first['stage']} ({first['max_abs_diff']:.3g}). "
                 f"Created without a counterpart in the image model: {[n for n in report.created][:8]}"
             )
         log.info(
             "init_from: parity check passed: the video model equals the image model on every frame "
-            "(max abs difference %.2g <= %g)",
+            "(max abs difference %.2g <= %g x %.3g, the largest output)",
             found["max_abs_diff"],
             found["tolerance"],
+            found["scale"],
         )
     else:
         log.warning("init_from: init_parity_check=false: the inflated model is not checked against the image model")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vdm.models import SpaceTimeDiT
-from vdm.models.weights import CONFIG_KEY, build_from_weights, has_ema, load_into, load_weights, save_weights
+from vdm.models.weights import CONFIG_KEY, build_from_weights, has_ema, load_into, read_weights_file, save_weights
 from vdm.types import TextCond
 
 C, DT = 3, 16
@@ -43,7 +43,7 @@ def assert_equal_state(a: dict, b: dict) -> None:
 def test_round_trip_is_exact_and_keeps_the_config(tmp_path):
     net = make()
     path = save_weights(tmp_path / "m.safetensors", net.state_dict(), CONFIG)
-    config, state = load_weights(path)
+    config, state = read_weights_file(path)
     assert config == CONFIG
     assert_equal_state(state, net.state_dict())
     with safe_open(str(path), framework="pt") as file:
@@ -52,7 +52,7 @@ def test_round_trip_is_exact_and_keeps_the_config(tmp_path):
         assert not any(k.startswith("ema.") for k in file.keys())
     assert not has_ema(path)
     with pytest.raises(ValueError, match="no EMA"):
-        load_weights(path, ema=True)
+        read_weights_file(path, ema=True)
 
 
 def test_built_model_computes_exactly_what_the_original_did(tmp_path):
@@ -74,8 +74,8 @@ def test_ema_is_stored_beside_the_weights(tmp_path):
     with safe_open(str(path), framework="pt") as file:
         names = set(file.keys())
     assert names == set(net.state_dict()) | {f"ema.{k}" for k in net.state_dict()}
-    assert_equal_state(load_weights(path)[1], net.state_dict())
-    assert_equal_state(load_weights(path, ema=True)[1], ema.state_dict())
+    assert_equal_state(read_weights_file(path)[1], net.state_dict())
+    assert_equal_state(read_weights_file(path, ema=True)[1], ema.state_dict())
     x, t, cond = inputs()
     with torch.no_grad():
         assert torch.equal(build_from_weights(path, ema=True)(x, t, cond), ema.eval()(x, t, cond))
@@ -87,24 +87,24 @@ def test_shared_and_non_contiguous_tensors_are_saved(tmp_path):
     flat = torch.arange(12.0)  # views into one buffer, as zero_to_fp32 returns them
     state = {"a": flat[:6].view(2, 3), "b": flat[6:].view(3, 2).t(), "c": flat[:6].view(2, 3)}
     path = save_weights(tmp_path / "s.safetensors", state, CONFIG)
-    _, loaded = load_weights(path)
+    _, loaded = read_weights_file(path)
     assert_equal_state(loaded, {k: v.contiguous() for k, v in state.items()})
 
 
 def test_only_safetensors_are_read(tmp_path):
     pickled = tmp_path / "m.ckpt"
     torch.save(make().state_dict(), pickled)
-    for call in (load_weights, build_from_weights, lambda path: load_into(make(), path)):
+    for call in (read_weights_file, build_from_weights, lambda path: load_into(make(), path)):
         with pytest.raises(ValueError, match=r"\.safetensors"):
             call(pickled)
     disguised = tmp_path / "pickle.safetensors"  # a pickle under the right name is still not read
     disguised.write_bytes(pickled.read_bytes())
     with pytest.raises(ValueError, match="not a readable"):
-        load_weights(disguised)
+        read_weights_file(disguised)
     plain = tmp_path / "plain.safetensors"  # safetensors without a vdm config
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(ValueError, match="not a vdm weights file"):
-        load_weights(plain)
+        read_weights_file(plain)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_weights(tmp_path / "m.pt", make().state_dict(), CONFIG)
     with pytest.raises(ValueError, match="JSON"):

@@ -22,7 +22,7 @@ from scripts.export import export, main
 from tests.runs import train_two_steps
 from vdm.checkpoints import CheckpointError, network_weights
 from vdm.models import SpaceTimeDiT
-from vdm.models.weights import build_from_weights, load_weights, read_metadata
+from vdm.models.weights import build_from_weights, read_metadata, read_weights_file
 from vdm.types import TextCond
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,9 +202,9 @@ def test_export_of_a_train_py_checkpoint_is_its_network(trained_run, tmp_path, c
     checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     stored = checkpoint["state_dict"]
     net_weights = {k.removeprefix("net."): v for k, v in stored.items() if k.startswith("net.")}
-    config, weights = load_weights(out)
+    config, weights = read_weights_file(out)
     assert_equal_state(weights, net_weights)
-    assert_equal_state(load_weights(out, ema=True)[1], checkpoint["ema"]["weights"])  # the run's own EMA
+    assert_equal_state(read_weights_file(out, ema=True)[1], checkpoint["ema"]["weights"])  # the run's own EMA
     run_model = {
         k: v for k, v in yaml.safe_load((trained_run / "config.yaml").read_text())["model"].items() if k != "_target_"
     }
@@ -240,8 +240,8 @@ def test_ema_in_a_lightning_checkpoint_is_exported(trained_run, tmp_path):
         torch.save(checkpoint, path)
         summary = export(path, tmp_path / f"{name}.safetensors", config)
         assert summary["ema"], name
-        assert_equal_state(load_weights(tmp_path / f"{name}.safetensors")[1], net_weights)
-        assert_equal_state(load_weights(tmp_path / f"{name}.safetensors", ema=True)[1], ema)
+        assert_equal_state(read_weights_file(tmp_path / f"{name}.safetensors")[1], net_weights)
+        assert_equal_state(read_weights_file(tmp_path / f"{name}.safetensors", ema=True)[1], ema)
     assert not export(tmp_path / "entry.ckpt", tmp_path / "no_ema.safetensors", config, ema=False)["ema"]
 
     partial = {**stored, "ema_state_dict": dict(list(ema.items())[:3])}
@@ -259,7 +259,9 @@ def test_a_checkpoint_holding_objects_is_read_by_full_unpickling(trained_run, tm
     torch.save({**stored, "hyper_parameters": argparse.Namespace(lr=1.0)}, path)  # weights_only=True refuses it
     summary = export(path, tmp_path / "m.safetensors", trained_run / "config.yaml")
     assert summary["read"] == "torch.load(weights_only=False)" and "weights_only=False" in capsys.readouterr().err
-    assert_equal_state(load_weights(tmp_path / "m.safetensors")[1], {k[4:]: v for k, v in stored["state_dict"].items()})
+    assert_equal_state(
+        read_weights_file(tmp_path / "m.safetensors")[1], {k[4:]: v for k, v in stored["state_dict"].items()}
+    )
 
 
 @pytest.mark.slow
@@ -410,15 +412,15 @@ def test_export_of_a_deepspeed_zero_checkpoint(stage, sharded_runs, tmp_path):
     summary = export(checkpoint, out)  # config from run/config.yaml
     assert "ZeRO checkpoint (2 ranks" in summary["layout"] and summary["step"] == 2
     assert summary["ema"]
-    config, weights = load_weights(out)
+    config, weights = read_weights_file(out)
     assert config == TINY
     assert_equal_state(weights, reference["net"])  # the trained fp32 weights, gathered over the ranks
-    assert_equal_state(load_weights(out, ema=True)[1], reference["ema"])
+    assert_equal_state(read_weights_file(out, ema=True)[1], reference["ema"])
     initial = {k: v * 2 for k, v in reference["ema"].items()}  # the stand-in EMA is half the initial weights
     assert sum(not torch.equal(weights[k], initial[k]) for k in weights) > len(weights) // 2  # training moved them
     computes(build_from_weights(out), text_dim=16, frames=2, size=4)
     # the tag folder itself is accepted, and gives the same weights
-    assert_equal_state(load_weights(export(tag, tmp_path / "tag.safetensors")["out"])[1], weights)
+    assert_equal_state(read_weights_file(export(tag, tmp_path / "tag.safetensors")["out"])[1], weights)
 
 
 @pytest.mark.slow
@@ -430,10 +432,10 @@ def test_export_of_an_fsdp2_distributed_checkpoint(sharded_runs, tmp_path):
     out = tmp_path / "model.safetensors"
     summary = export(checkpoint, out)
     assert summary["layout"].startswith("torch distributed checkpoint") and summary["step"] == 2 and summary["ema"]
-    config, weights = load_weights(out)
+    config, weights = read_weights_file(out)
     assert config == TINY
     assert_equal_state(weights, reference["net"])
-    assert_equal_state(load_weights(out, ema=True)[1], reference["ema"])
+    assert_equal_state(read_weights_file(out, ema=True)[1], reference["ema"])
     initial = {k: v * 2 for k, v in reference["ema"].items()}
     assert sum(not torch.equal(weights[k], initial[k]) for k in weights) > len(weights) // 2
     computes(build_from_weights(out), text_dim=16, frames=2, size=4)

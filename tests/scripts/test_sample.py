@@ -16,7 +16,7 @@ from scripts.sample import main
 from tests.runs import train_two_steps
 from vdm.data.video import decode_frames, probe
 from vdm.models import SpaceTimeDiT
-from vdm.models.weights import load_weights, save_weights
+from vdm.models.weights import read_weights_file, save_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["the digit 3 moves left", "the digit 7 moves up"]
@@ -111,7 +111,7 @@ def test_reproduces_the_runs_own_samples(trained_run, tmp_path):
 @pytest.mark.slow
 def test_ema_weights_and_the_command_line(trained_run, tmp_path):
     export(trained_run / "checkpoints" / "step-000000002.ckpt", tmp_path / "plain.safetensors")
-    config, weights = load_weights(tmp_path / "plain.safetensors")
+    config, weights = read_weights_file(tmp_path / "plain.safetensors")
     ema = {name: tensor * 0.5 for name, tensor in weights.items()}
     save_weights(tmp_path / "with_ema.safetensors", weights, config, ema_state_dict=ema)
     save_weights(tmp_path / "ema_only.safetensors", ema, config)

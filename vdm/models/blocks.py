@@ -32,6 +32,9 @@ class SpaceTimeBlock(nn.Module):
     The temporal rows live in their own parameter `temporal_modulation`, never in the 9-row table,
     so an image model (temporal=False) loads into a video model by parameter name and the temporal
     branch keeps its silent init.
+
+    cross_modulation=False is PixArt's block: the cross-attention reads the tokens as they are (no norm,
+    no shift, scale or gate: `x + cross_attn(x)`), and the table has 6 rows (spatial, then MLP).
     """
 
     def __init__(
@@ -42,9 +45,11 @@ class SpaceTimeBlock(nn.Module):
         temporal: bool = True,
         qk_norm: bool = True,
         attention_backends: list[SDPBackend] | None = None,
+        cross_modulation: bool = True,
     ):
         super().__init__()
         self.enable_temporal = temporal
+        self.cross_modulation = cross_modulation
         # selective activation checkpointing: recompute only the attention branches in the backward pass
         self.checkpoint_attention = False
         # No affine parameters: the modulation plays that role.
@@ -57,15 +62,19 @@ class SpaceTimeBlock(nn.Module):
         self.cross_attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm, backends=attention_backends)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        # rows: shift, scale, gate for spatial, cross and mlp branches, in that order
-        self.modulation = nn.Parameter(torch.zeros(9, dim))
+        # rows: shift, scale, gate for spatial, cross (with cross_modulation) and mlp branches, in that order
+        self.modulation = nn.Parameter(torch.zeros(self.modulation_rows(cross_modulation), dim))
+
+    @staticmethod
+    def modulation_rows(cross_modulation: bool) -> int:
+        return 9 if cross_modulation else 6
 
     def forward(
         self,
         x: Tensor,  # (B, T, S, D)
         context: Tensor,  # (B, L, D) text tokens already projected to width D
         context_mask: Tensor | None,  # (B, L) bool, True = real token
-        modulation: Tensor,  # (B, 9, D) global modulation from the DiT
+        modulation: Tensor,  # (B, 9 or 6, D) global modulation from the DiT
         temporal_modulation: Tensor | None = None,  # (B, 3, D), required when enable_temporal
     ) -> Tensor:
         B, T, S, D = x.shape
@@ -77,9 +86,12 @@ class SpaceTimeBlock(nn.Module):
                 return checkpoint(attention, h, use_reentrant=False, **context)
             return attention(h, **context)
 
-        mod = modulation + self.modulation  # (B, 9, D)
+        mod = modulation + self.modulation  # (B, 9 or 6, D)
         mod = rearrange(mod, "b n d -> n b 1 1 d")  # each row broadcasts over (T, S)
-        shift_s, scale_s, gate_s, shift_c, scale_c, gate_c, shift_m, scale_m, gate_m = mod
+        if self.cross_modulation:
+            shift_s, scale_s, gate_s, shift_c, scale_c, gate_c, shift_m, scale_m, gate_m = mod
+        else:
+            shift_s, scale_s, gate_s, shift_m, scale_m, gate_m = mod
 
         # (1) spatial: tokens attend within their own frame
         h = modulate(self.norm(x), shift_s, scale_s)
@@ -100,9 +112,10 @@ class SpaceTimeBlock(nn.Module):
             x = x + gate_t * rearrange(h, "(b s) t d -> b t s d", b=B)
 
         # (3) cross-attention: every token of the clip reads the caption
-        h = modulate(self.norm(x), shift_c, scale_c)
+        h = modulate(self.norm(x), shift_c, scale_c) if self.cross_modulation else x
         h = attend(self.cross_attn, rearrange(h, "b t s d -> b (t s) d"), context=context, context_mask=context_mask)
-        x = x + gate_c * rearrange(h, "b (t s) d -> b t s d", t=T)
+        h = rearrange(h, "b (t s) d -> b t s d", t=T)
+        x = x + (gate_c * h if self.cross_modulation else h)
 
         # (4) MLP
         h = self.mlp(modulate(self.norm(x), shift_m, scale_m))

@@ -24,17 +24,28 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 class FinalLayer(nn.Module):
-    """Norm, adaLN shift/scale from the conditioning vector, then project tokens back to patches."""
+    """Norm, shift/scale from the conditioning vector, then project tokens back to patches.
 
-    def __init__(self, width: int, out_dim: int):
+    modulation "linear" (DiT): shift and scale are a linear map of SiLU(c). "table" (PixArt): they are a
+    learned (2, D) table plus c itself.
+    """
+
+    def __init__(self, width: int, out_dim: int, modulation: str = "linear"):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.table = modulation == "table"
+        if self.table:
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, width))  # rows: shift, scale
+        else:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, out_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         # x (B, t, s, D), c (B, D) -> (B, t, s, out_dim)
-        shift, scale = rearrange(self.modulation(c), "b (two d) -> two b 1 1 d", two=2)
+        if self.table:
+            shift, scale = rearrange(self.scale_shift_table, "two d -> two 1 1 1 d") + rearrange(c, "b d -> b 1 1 d")
+        else:
+            shift, scale = rearrange(self.modulation(c), "b (two d) -> two b 1 1 d", two=2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -53,6 +64,14 @@ class SpaceTimeDiT(nn.Module):
     compiled blocks as they wrap the others; activation checkpointing recomputes the compiled block).
     attention_backend restricts scaled_dot_product_attention to SDPA kernels (flash, cudnn, efficient,
     math, or a list of them); `check_attention_backend` says at start whether they can run.
+
+    Options that exist so that public image checkpoints load exactly (PixArt-alpha/Sigma in diffusers'
+    layout, scripts/import_weights.py), each off by default: pooled_text=False (the conditioning vector is the
+    time embedding alone), cross_modulation=False (cross-attention without norm or gate), final_modulation
+    "table" (the output's shift/scale from a table plus the time embedding), pos_embed_base_size and
+    pos_embed_interpolation_scale (diffusers' sin/cos grid), learned_sigma (the output layer also predicts a
+    variance, as PixArt's does; forward returns only the prediction, so the variance rows get no gradient and
+    vdm's objectives never read them: they are kept so the weights stay the checkpoint's).
     """
 
     # Distributed strategies wrap this class from outside (FSDP auto-wrap, activation checkpointing).
@@ -77,6 +96,12 @@ class SpaceTimeDiT(nn.Module):
         grad_checkpointing_scope: str = "block",
         compile_blocks: bool = False,
         attention_backend: str | list[str] | None = None,
+        pooled_text: bool = True,
+        cross_modulation: bool = True,
+        final_modulation: str = "linear",
+        learned_sigma: bool = False,
+        pos_embed_base_size: int | None = None,
+        pos_embed_interpolation_scale: float = 1.0,
     ):
         super().__init__()
         for name, value in [
@@ -99,8 +124,22 @@ class SpaceTimeDiT(nn.Module):
             raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw) (patch_size={patch_size!r})")
         if grad_checkpointing_scope not in ("block", "attention"):
             raise ValueError(f"grad_checkpointing_scope must be block or attention (got {grad_checkpointing_scope!r})")
-        if not isinstance(compile_blocks, bool):
-            raise ValueError(f"compile_blocks must be true or false (got {compile_blocks!r})")
+        for name, value in [
+            ("compile_blocks", compile_blocks),
+            ("pooled_text", pooled_text),
+            ("cross_modulation", cross_modulation),
+            ("learned_sigma", learned_sigma),
+        ]:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false (got {value!r})")
+        if final_modulation not in ("linear", "table"):
+            raise ValueError(f"final_modulation must be linear or table (got {final_modulation!r})")
+        if pos_embed_base_size is not None:
+            _check_positive_int("pos_embed_base_size", pos_embed_base_size)
+        if not isinstance(pos_embed_interpolation_scale, (int, float)) or not pos_embed_interpolation_scale > 0:
+            raise ValueError(
+                f"pos_embed_interpolation_scale must be a positive number (got {pos_embed_interpolation_scale!r})"
+            )
         backends = parse_backends(attention_backend)
         if width % heads != 0:
             raise ValueError(f"width must be divisible by heads (width={width}, heads={heads})")
@@ -121,25 +160,38 @@ class SpaceTimeDiT(nn.Module):
         self.grad_checkpointing_every = grad_checkpointing_every
         self.grad_checkpointing_scope = grad_checkpointing_scope
         self.attention_backends = backends
+        self.pooled_text = pooled_text
+        self.learned_sigma = learned_sigma
+        self.pos_embed_base_size = pos_embed_base_size
+        self.pos_embed_interpolation_scale = float(pos_embed_interpolation_scale)
 
         pt, ph, pw = patch_size
         self.patch_embed = PatchEmbed3d(in_channels, width, patch_size)
         self.t_embedder = TimestepEmbedding(width)
-        self.pooled_proj = nn.Sequential(nn.Linear(text_dim, width), nn.SiLU(), nn.Linear(width, width))
+        if pooled_text:
+            self.pooled_proj = nn.Sequential(nn.Linear(text_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.caption_proj = nn.Sequential(
             nn.Linear(text_dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, width)
         )
         # adaLN-single: one modulation vector per sample, shared by all blocks (each adds its own table)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+        rows = SpaceTimeBlock.modulation_rows(cross_modulation)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, rows * width))
         if temporal:
             self.temporal_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
         self.blocks = nn.ModuleList(
             SpaceTimeBlock(
-                width, heads, mlp_ratio=mlp_ratio, temporal=temporal, qk_norm=qk_norm, attention_backends=backends
+                width,
+                heads,
+                mlp_ratio=mlp_ratio,
+                temporal=temporal,
+                qk_norm=qk_norm,
+                attention_backends=backends,
+                cross_modulation=cross_modulation,
             )
             for _ in range(depth)
         )
-        self.final = FinalLayer(width, pt * ph * pw * in_channels)
+        self.out_channels = 2 * in_channels if learned_sigma else in_channels
+        self.final = FinalLayer(width, pt * ph * pw * self.out_channels, modulation=final_modulation)
         self.initialize_weights()
         self.set_grad_checkpointing(grad_checkpointing)
         if compile_blocks:
@@ -180,8 +232,11 @@ class SpaceTimeDiT(nn.Module):
                 nn.init.zeros_(block.temporal_modulation)
 
         # Zero output layer: the untrained model predicts 0 (DiT).
-        nn.init.zeros_(self.final.modulation[-1].weight)
-        nn.init.zeros_(self.final.modulation[-1].bias)
+        if self.final.table:
+            nn.init.zeros_(self.final.scale_shift_table)
+        else:
+            nn.init.zeros_(self.final.modulation[-1].weight)
+            nn.init.zeros_(self.final.modulation[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
@@ -229,11 +284,21 @@ class SpaceTimeDiT(nn.Module):
         param_dtype = self.patch_embed.proj.weight.dtype
         tokens, (nt, nh, nw) = self.patch_embed(x.to(param_dtype))  # (B, t, s, D)
         # the same spatial positions in every frame, so an image model and its video inflation agree
-        tokens = tokens + sincos_2d(nh, nw, self.width, device=x.device).to(tokens.dtype)
+        positions = sincos_2d(
+            nh,
+            nw,
+            self.width,
+            device=x.device,
+            base_size=self.pos_embed_base_size,
+            interpolation_scale=self.pos_embed_interpolation_scale,
+        )
+        tokens = tokens + positions.to(tokens.dtype)
 
-        c = self.t_embedder(t) + self.pooled_proj(cond.pooled.to(param_dtype))  # (B, D)
+        c = self.t_embedder(t)  # (B, D)
+        if self.pooled_text:
+            c = c + self.pooled_proj(cond.pooled.to(param_dtype))
         context = self.caption_proj(cond.tokens.to(param_dtype))  # (B, L, D)
-        modulation = rearrange(self.modulation(c), "b (n d) -> b n d", n=9)  # (B, 9, D)
+        modulation = rearrange(self.modulation(c), "b (n d) -> b n d", d=self.width)  # (B, 9 or 6, D)
         temporal_modulation = (
             rearrange(self.temporal_modulation(c), "b (n d) -> b n d", n=3) if self.temporal else None
         )  # (B, 3, D)
@@ -251,7 +316,7 @@ class SpaceTimeDiT(nn.Module):
             else:
                 tokens = block(*args)
 
-        out = self.final(tokens, c)  # (B, t, s, pt*ph*pw*C)
+        out = self.final(tokens, c)  # (B, t, s, pt*ph*pw*out_channels)
         pt, ph, pw = self.patch_size
         out = rearrange(
             out,
@@ -262,4 +327,6 @@ class SpaceTimeDiT(nn.Module):
             ph=ph,
             pw=pw,
         )
+        if self.learned_sigma:
+            out = out[:, : self.in_channels]  # the prediction; the variance half is not used (class docstring)
         return out.to(x.dtype)

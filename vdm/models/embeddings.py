@@ -23,19 +23,46 @@ def sincos_1d(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
-def sincos_2d(h: int, w: int, dim: int, device: torch.device | str | None = None) -> Tensor:
+def sincos_2d(
+    h: int,
+    w: int,
+    dim: int,
+    device: torch.device | str | None = None,
+    base_size: int | None = None,
+    interpolation_scale: float = 1.0,
+) -> Tensor:
     """2-D sin/cos encoding of an h x w grid -> (h*w, dim), float32, row-major like '(h w)'.
 
-    As in MAE / DiT, half of the channels encode the row and half the column.
+    base_size None (vdm's own): integer positions; the first half of the channels encodes the row, the second
+    the column. base_size given: the grid of DiT and PixArt as diffusers computes it
+    (`get_2d_sincos_pos_embed`), so that their weights load exactly: positions scaled so that the grid spans
+    base_size patches along each axis at any size (i / (n / base_size) / interpolation_scale), the column half
+    first, computed in float64 as diffusers does, then rounded to float32.
     """
     if dim % 4 != 0:
         raise ValueError(f"dim must be divisible by 4 for a 2-D sin/cos encoding (dim={dim})")
-    rows = torch.arange(h, dtype=torch.float32, device=device)
-    cols = torch.arange(w, dtype=torch.float32, device=device)
-    grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
-    emb_r = sincos_1d(rearrange(grid_r, "h w -> (h w)"), dim // 2)
-    emb_c = sincos_1d(rearrange(grid_c, "h w -> (h w)"), dim // 2)
-    return torch.cat([emb_r, emb_c], dim=-1)
+    if base_size is None:
+        rows = torch.arange(h, dtype=torch.float32, device=device)
+        cols = torch.arange(w, dtype=torch.float32, device=device)
+        grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")  # (h, w) each
+        emb_r = sincos_1d(rearrange(grid_r, "h w -> (h w)"), dim // 2)
+        emb_c = sincos_1d(rearrange(grid_c, "h w -> (h w)"), dim // 2)
+        return torch.cat([emb_r, emb_c], dim=-1)
+    exact = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # mps has no float64
+    rows = torch.arange(h, dtype=exact, device=device) / (h / base_size) / interpolation_scale
+    cols = torch.arange(w, dtype=exact, device=device) / (w / base_size) / interpolation_scale
+    grid_r, grid_c = torch.meshgrid(rows, cols, indexing="ij")
+    emb_c = _sincos_1d_exact(rearrange(grid_c, "h w -> (h w)"), dim // 2)
+    emb_r = _sincos_1d_exact(rearrange(grid_r, "h w -> (h w)"), dim // 2)
+    return torch.cat([emb_c, emb_r], dim=-1).float()
+
+
+def _sincos_1d_exact(positions: Tensor, dim: int) -> Tensor:
+    """sincos_1d in the positions' own dtype (float64 for the diffusers-compatible grid)."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=positions.dtype, device=positions.device) / half)
+    angles = rearrange(positions, "n -> n 1") * rearrange(omega, "f -> 1 f")
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class PatchEmbed3d(nn.Module):

@@ -75,14 +75,16 @@ def forward_flops(net: nn.Module, frames: int, height: int, width: int, text_tok
     D, Dt = net.width, net.text_dim
     pt, ph, pw = net.patch_size
     patch = pt * ph * pw * net.in_channels
+    rows = net.modulation[-1].out_features // D  # 9, or 6 without cross-attention modulation
 
     flops = _linear(N, patch, D)  # the patch embedding: a convolution with stride = kernel is a linear map
     flops += _linear(1, net.t_embedder.freq_dim, D) + _linear(1, D, D)  # timestep MLP
-    flops += _linear(1, Dt, D) + _linear(1, D, D)  # pooled caption MLP
+    flops += (_linear(1, Dt, D) + _linear(1, D, D)) if net.pooled_text else 0  # pooled caption MLP
     flops += _linear(L, Dt, D) + _linear(L, D, D)  # caption token MLP
-    flops += _linear(1, D, 9 * D) + (_linear(1, D, 3 * D) if net.temporal else 0)  # adaLN-single modulation
+    flops += _linear(1, D, rows * D) + (_linear(1, D, 3 * D) if net.temporal else 0)  # adaLN-single modulation
     flops += sum(block_flops(block, t, s, L) for block in net.blocks)
-    flops += _linear(1, D, 2 * D) + _linear(N, D, patch)  # final layer: its modulation, then tokens -> patches
+    # final layer: its modulation (none with a table), then tokens -> patches (and variances, if learned)
+    flops += (0 if net.final.table else _linear(1, D, 2 * D)) + _linear(N, D, pt * ph * pw * net.out_channels)
     return flops
 
 

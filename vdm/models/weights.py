@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from vdm.models.dit import SpaceTimeDiT
+from vdm.models.inflate import inflate
 from vdm.state_dicts import diff_state_dicts
 
 CONFIG_KEY = "vdm_model_config"
@@ -131,7 +132,7 @@ def save_weights(
     return path
 
 
-def load_weights(path: str | os.PathLike, ema: bool = False) -> tuple[dict, dict[str, Tensor]]:
+def read_weights_file(path: str | os.PathLike, ema: bool = False) -> tuple[dict, dict[str, Tensor]]:
     """(config, state_dict) from a weights file; ema=True gives the EMA weights instead of the raw ones.
 
     Only .safetensors files are read: nothing is ever unpickled.
@@ -187,12 +188,30 @@ def build_from_weights(path: str | os.PathLike, ema: bool = False, device: str |
     The network is built on the meta device and takes the file's tensors as its parameters, so no time
     or memory goes into an initialization that would be overwritten. Parameters keep the file's dtype.
     """
-    config, state_dict = load_weights(path, ema=ema)
+    config, state_dict = read_weights_file(path, ema=ema)
     _check_config(config)
     with torch.device("meta"):
         net = SpaceTimeDiT(**config)
     _compare(net, state_dict, strict=True, source=Path(path))
     net.load_state_dict(state_dict, strict=True, assign=True)
+    return net.to(device).eval()
+
+
+def load_weights(
+    path: str | os.PathLike, temporal: bool | None = None, ema: bool = False, device: str | torch.device = "cpu"
+) -> SpaceTimeDiT:
+    """The SpaceTimeDiT of a weights file, in eval mode: as it was saved (temporal=None, or the file's own kind),
+    or, with temporal=True for an image model's file, the video model inflated from it, which equals the image
+    model on every frame (vdm/models/inflate.py). A video model's file is never made an image model."""
+    config, state_dict = read_weights_file(path, ema=ema)
+    _check_config(config)
+    saved_temporal = config.get("temporal", True)
+    if temporal is None or temporal == saved_temporal:
+        return build_from_weights(path, ema=ema, device=device)
+    if not temporal:
+        raise ValueError(f"{path}: holds a video model (temporal=true); it cannot be loaded as an image model")
+    net = SpaceTimeDiT(**{**config, "temporal": True})
+    inflate(net, state_dict, strict=True)
     return net.to(device).eval()
 
 
@@ -241,7 +260,7 @@ def load_into(net: nn.Module, path: str | os.PathLike, ema: bool = False, strict
     report lists both. A shape mismatch is always refused, naming the keys. Nothing is changed when an
     error is raised. Values are converted to each parameter's dtype and device.
     """
-    config, state_dict = load_weights(path, ema=ema)
+    config, state_dict = read_weights_file(path, ema=ema)
     return load_state_into(net, state_dict, strict=strict, source=path, config=config)
 
 
