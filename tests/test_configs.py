@@ -29,9 +29,24 @@ def test_every_group_has_options():
     )
 
 
+def local_t5(folder: Path) -> list[str]:
+    """A small T5 encoder folder, as transformers writes one, for a preset that loads one from disk."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    T5EncoderModel(T5Config(vocab_size=384, d_model=16, d_ff=32, d_kv=4, num_layers=1, num_heads=4)).save_pretrained(
+        folder
+    )
+    ByT5Tokenizer().save_pretrained(folder)
+    return [f"text.path={folder}"]
+
+
+REQUIRED = {("text", "t5_xxl"): local_t5}  # presets with a value the user must give (`???`)
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_checks_and_builds(group, option):
-    cfg = compose_config(f"{group}={option}")
+def test_every_option_composes_checks_and_builds(group, option, tmp_path):
+    given = REQUIRED[(group, option)](tmp_path / "given") if (group, option) in REQUIRED else []
+    cfg = compose_config(f"{group}={option}", *given)
     config = OmegaConf.to_container(cfg, resolve=True)
     check_config({k: config[k] for k in train.SECTIONS}, supplied={"model": {"in_channels", "text_dim"}})
     if group == "model":
@@ -75,6 +90,7 @@ def test_xl_preset_is_about_700m_parameters():
         (["init_parity_tolerance=-1"], "init_parity_tolerance"),
         (["init_parity_check=maybe"], "init_parity_check"),
         (["resume=/nonexistent.ckpt"], "resume"),
+        (["text=t5_xxl"], "text.path: a value is required"),
         (["strategy=fsdp2"], "ema.enabled: an EMA is not supported with FSDP2"),  # the settings say they shard
         (["strategy=deepspeed_zero3"], "ema.enabled: an EMA is not supported with DeepSpeed ZeRO-3"),
         (

@@ -96,6 +96,15 @@ def test_only_vdm_text_imports_open_clip(path):
     assert not uses or path.is_relative_to(VDM / "text"), f"{path.relative_to(ROOT)} imports {sorted(uses)}"
 
 
+@pytest.mark.parametrize("path", project_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_vdm_text_imports_transformers_and_only_vdm_models_reads_diffusers_layouts(path):
+    # transformers' import costs seconds: only a run whose config names a T5 encoder pays it; diffusers' tensor
+    # layouts are tables in vdm/models/external.py, read without importing diffusers
+    modules = {m.split(".")[0] for m in imported_modules(path)}
+    assert "transformers" not in modules or path.is_relative_to(VDM / "text"), path.relative_to(ROOT)
+    assert "diffusers" not in modules or path.is_relative_to(VDM / "autoencoders"), path.relative_to(ROOT)
+
+
 def test_the_strategy_rule_sees_questions():
     # guard: the rule finds what it looks for where it is allowed
     assert "deepspeed_engine" in (VDM / "distributed" / "parallel.py").read_text()

@@ -9,8 +9,21 @@ from pathlib import Path
 from vdm.config_check import ConfigError
 
 
+def missing_values(config: object, prefix: str = "") -> list[str]:
+    """The keys a config leaves to the user (Hydra's `???`), by their full names."""
+    if isinstance(config, dict):
+        return [m for k, v in config.items() for m in missing_values(v, f"{prefix}{k}.")]
+    if isinstance(config, list):
+        return [m for i, v in enumerate(config) for m in missing_values(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if config == "???" else []
+
+
 def check_run_keys(config: dict) -> None:
-    """The top-level keys of conf/config.yaml, which have no settings class of their own."""
+    """The top-level keys of conf/config.yaml, which have no settings class of their own; and that no key is
+    left without its value (a preset's `???`, e.g. text=t5_xxl's text.path)."""
+    missing = missing_values(config)
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: a value is required (e.g. {missing[0]}=...)")
     if not isinstance(config["seed"], int) or isinstance(config["seed"], bool):
         raise ConfigError(f"seed: expected int, got {config['seed']!r}")
     if config["resume"] not in ("auto", "never") and not Path(str(config["resume"])).exists():

@@ -174,7 +174,9 @@ def test_train_py_inflates_an_imported_pixart_and_checks_it_before_step_0(tmp_pa
     assert imported.returncode == 0, imported.stderr
     overrides = imported.stdout.split("model overrides for train.py: ")[1].split()
     overrides = [o for o in overrides if not o.startswith(("model.temporal=", "model.max_size="))]
-    run = train_two_steps(tmp_path, f"init_from={tmp_path / 'pixart.safetensors'}", "model.temporal=true", *overrides)
+    weights = tmp_path / "pixart.safetensors"
+    quick = ("data.eval_clips=16", "sampling.steps=2")
+    run = train_two_steps(tmp_path, f"init_from={weights}", "model.temporal=true", *overrides, *quick)
     report = json.loads((run / "inflation.json").read_text())
     assert report["parity"]["passed"] and report["parity"]["max_abs_diff"] <= TOLERANCE * report["parity"]["scale"]
     assert report["unused"] == [] and all("temporal" in name for name in report["created"])
