@@ -15,6 +15,8 @@ import torch
 import yaml
 
 from tests.runs import run_train
+from vdm.models import SpaceTimeDiT
+from vdm.models.param_groups import is_temporal
 from vdm.models.weights import read_weights_file, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,3 +329,48 @@ def test_each_job_of_a_multirun_sweep_gets_its_own_run_directory_named_by_its_va
     for name, steps in (("sweep-0-trainer.max_steps=1", 1), ("sweep-1-trainer.max_steps=2", 2)):
         assert yaml.safe_load((runs[name] / "config.yaml").read_text())["trainer"]["max_steps"] == steps
         assert [p.name for p in (runs[name] / "checkpoints").iterdir()] == [f"step-{steps:09d}.ckpt"]
+
+
+@pytest.mark.slow
+def test_staged_fine_tuning_trains_the_temporal_layers_alone_then_everything(tmp_path):
+    """Stage 1 (optim.trainable=temporal) from an image model: every non-temporal weight stays the image model's,
+    bit for bit, and the optimizer holds state for the temporal parameters only (the sharding report). Stage 2
+    starts from stage 1's checkpoint with everything trainable and the image model's layers at a tenth of the lr."""
+    common = [
+        f"run_root={tmp_path}",
+        *TINY_NO_WANDB,
+        "trainer.max_steps=2",
+        "trainer.eval_every_n_steps=0",
+        "sampling.prompts=[]",
+        "evaluation=none",
+    ]
+    with torch.device("meta"):
+        shapes = SpaceTimeDiT(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4],
+                              temporal=False).state_dict()  # fmt: skip
+    generator = torch.Generator().manual_seed(0)  # a trained model's size, not the zero-gated init
+    image = {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
+    arguments = dict(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4], temporal=False)
+    save_weights(tmp_path / "image.safetensors", image, arguments)
+
+    first = train("name=temporal", f"init_from={tmp_path / 'image.safetensors'}", "optim.trainable=temporal", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "temporal" / "checkpoints" / "step-000000002.ckpt"
+    net = {k.removeprefix("net."): v for k, v in torch.load(checkpoint, weights_only=False)["state_dict"].items()}
+    temporal = [k for k in net if is_temporal(k)]
+    assert all(torch.equal(net[k], image[k]) for k in image)  # frozen: the image model's, bit for bit
+    gates = [k for k in temporal if "temporal_modulation" in k]  # zero at initialization: silent layers
+    assert gates and any(net[k].abs().sum() > 0 for k in gates)  # the temporal layers trained
+    report = json.loads((tmp_path / "temporal" / "sharding" / "rank-0.json").read_text())
+    temporal_elements = sum(net[k].numel() for k in temporal)
+    assert report["parameters_trainable"] == temporal_elements < report["parameters_total"]
+    assert report["optimizer_state_local"] == 2 * temporal_elements  # AdamW's two moments, nothing for the frozen
+
+    second = train("name=all", f"init_from={checkpoint}", "optim.lr_scale.spatial=0.1", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    final = torch.load(tmp_path / "all" / "checkpoints" / "step-000000002.ckpt", weights_only=False)
+    after = {k.removeprefix("net."): v for k, v in final["state_dict"].items()}
+    assert any(not torch.equal(after[k], image[k]) for k in image)  # now the image model's layers train too
+    report = json.loads((tmp_path / "all" / "sharding" / "rank-0.json").read_text())
+    assert report["parameters_trainable"] == report["parameters_total"]
+    groups = {g["name"]: g["lr"] for g in final["optimizer_states"][0]["param_groups"]}
+    assert groups["spatial"] == pytest.approx(0.1 * groups["temporal"]) and groups["embeddings"] == groups["temporal"]

@@ -8,7 +8,8 @@ import torch
 from einops import rearrange, repeat
 
 from vdm.models import SpaceTimeDiT
-from vdm.models.inflate import inflate, is_temporal, parity, probe_inputs
+from vdm.models.inflate import inflate, parity, probe_inputs
+from vdm.models.param_groups import is_temporal
 from vdm.types import TextCond
 
 CONFIG = dict(in_channels=3, text_dim=16, width=32, depth=2, heads=2, patch_size=[1, 2, 2])

@@ -118,12 +118,16 @@ def test_the_watch_sees_the_unfused_optimizers_host_vote(tmp_path, monkeypatch):
     assert len(votes) == 3, reads
 
 
+def enumerate_named(params: list) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(f"blocks.{i}.weight", p) for i, p in enumerate(params)]
+
+
 def adamw_steps(fused: bool, found_inf_at: int | None = None) -> tuple[list[torch.Tensor], dict]:
     """Five AdamW steps (vdm's settings) on fixed parameters and gradients; `found_inf_at`: a step skipped the way
     the module skips a non-finite one on the device (found_inf = 1)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
-    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=fused).build(params)
+    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=fused).build(enumerate_named(params))
     for step in range(5):
         for p in params:
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
@@ -153,7 +157,7 @@ def test_a_step_fused_adamw_skips_on_the_device_changes_nothing():
 def adamw_four_steps() -> list[torch.Tensor]:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
-    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=True).build(params)
+    optimizer, scheduler = AdamW(lr=1e-2, weight_decay=0.1, warmup_steps=2, fused=True).build(enumerate_named(params))
     for step in range(4):
         for p in params:
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))

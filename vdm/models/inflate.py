@@ -20,14 +20,10 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from vdm.models.dit import SpaceTimeDiT
+from vdm.models.param_groups import is_temporal
 from vdm.types import TextCond
 
 PATCH_KERNEL, OUTPUT_WEIGHT, OUTPUT_BIAS = "patch_embed.proj.weight", "final.linear.weight", "final.linear.bias"
-
-
-def is_temporal(name: str) -> bool:
-    """Whether a parameter belongs to a temporal layer, which an image model does not have."""
-    return any(part.startswith("temporal") for part in name.split("."))
 
 
 @dataclass

@@ -137,7 +137,7 @@ def plain_run(parts: Parts, loader: DataLoader, device: torch.device, timing: Ti
     parts.text_encoder.to(device)
     if parts.ema is not None:
         parts.ema.to(device)
-    optimizer, scheduler = parts.optim.build(p for p in net.parameters() if p.requires_grad)
+    optimizer, scheduler = parts.optim.build(net.named_parameters())
     precision = parts.settings.resolved_precision()
     autocast = (
         torch.autocast(device.type, dtype=compute_dtype(precision)) if precision == "bf16-mixed" else nullcontext()

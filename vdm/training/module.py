@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from vdm.config_check import ConfigError
 from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
 from vdm.generate import SamplingSettings, generate
+from vdm.models.param_groups import set_trainable
 from vdm.seeding import generator_for
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
@@ -87,6 +88,8 @@ class VideoDiffusion(L.LightningModule):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1) (got {caption_dropout})")
         self.net = net
+        # staged fine-tuning: frozen before any strategy wraps the network (no gradient, no optimizer state)
+        self.trainable_elements = set_trainable(net, optim.trainable)  # {group: elements that train}
         self.objective = objective
         self.autoencoder = autoencoder
         self.optim = optim
@@ -244,7 +247,7 @@ class VideoDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         # built after the strategy moved the network: the optimizer sees where the parameters are (fused on a GPU)
-        optimizer, scheduler = self.optim.build(p for p in self.net.parameters() if p.requires_grad)
+        optimizer, scheduler = self.optim.build(self.net.named_parameters())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

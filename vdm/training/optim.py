@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vdm.models.param_groups import GROUPS, TRAINABLE, parameter_group
+
 
 @dataclass
 class AdamW:
@@ -17,6 +19,11 @@ class AdamW:
     VideoDiffusion.configure_gradient_clipping), so the training step never waits on the host; the unfused one
     makes the host read one number per step. On a CPU fused works too (torch's CPU kernel): same results up to
     rounding, and the step is sync-free there as well, which on a CPU changes nothing.
+
+    Staged fine-tuning (vdm/models/param_groups.py): `trainable` "temporal" freezes all but the temporal layers
+    (frozen parameters get no gradient and no optimizer state), "all" trains everything; `lr_scale` multiplies
+    `lr` per kind of parameter ({temporal, spatial, embeddings}: e.g. new temporal layers faster than the image
+    model's spatial ones). With every scale 1 the parameters form one group, as without it.
     """
 
     lr: float = 3e-4
@@ -25,6 +32,8 @@ class AdamW:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     fused: bool | None = None
+    trainable: str = "all"
+    lr_scale: dict[str, float] | None = None
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -36,12 +45,36 @@ class AdamW:
             raise ValueError("weight_decay and warmup_steps must be >= 0")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise ValueError(f"fused must be true, false or null (got {self.fused!r})")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)} (got {self.trainable!r})")
+        scales = dict(self.lr_scale or {})
+        unknown = sorted(set(scales) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"lr_scale: unknown groups {unknown} (the groups are {', '.join(GROUPS)})")
+        bad = {k: v for k, v in scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        if bad:
+            raise ValueError(f"lr_scale: each scale must be a number > 0 (got {bad}; trainable freezes groups)")
+        self.lr_scale = {group: float(scales.get(group, 1.0)) for group in GROUPS}
 
-    def build(self, parameters: Iterable[torch.nn.Parameter]):
-        parameters = list(parameters)
-        fused = self.fused if self.fused is not None else bool(parameters) and parameters[0].device.type == "cuda"
+    def parameter_groups(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
+        """The trainable parameters, in one group, or one per kind with its learning rate when lr_scale says so."""
+        named = [(name, p) for name, p in named_parameters if p.requires_grad]
+        if all(scale == 1.0 for scale in self.lr_scale.values()):
+            return [{"params": [p for _, p in named]}]
+        groups = []
+        for group in GROUPS:
+            params = [p for name, p in named if parameter_group(name) == group]
+            if params:
+                groups.append({"params": params, "lr": self.lr * self.lr_scale[group], "name": group})
+        return groups
+
+    def build(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]):
+        """Optimizer and schedule over the trainable parameters of `named_parameters` (net.named_parameters())."""
+        groups = self.parameter_groups(named_parameters)
+        first = next((p for g in groups for p in g["params"]), None)
+        fused = self.fused if self.fused is not None else first is not None and first.device.type == "cuda"
         optimizer = torch.optim.AdamW(
-            parameters, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused
+            groups, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, fused=fused
         )
         warmup = max(self.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

@@ -35,6 +35,8 @@ class ShardingReport(L.Callback):
             "strategy": strategy_name(trainer.strategy),
             "parameters_total": sum(full_numel(p) for p in params),
             "parameters_local": sum(local_part(p).numel() for p in params),
+            # staged fine-tuning: frozen parameters hold no optimizer state
+            "parameters_trainable": sum(full_numel(p) for p in params if p.requires_grad),
             "optimizer_state_local": sum(
                 local_part(value).numel()
                 for state in innermost_optimizer(trainer.optimizers[0]).state.values()
@@ -46,10 +48,11 @@ class ShardingReport(L.Callback):
         folder.mkdir(exist_ok=True)
         (folder / f"rank-{trainer.global_rank}.json").write_text(json.dumps(report, indent=1) + "\n")
         log.info(
-            "rank %d holds %d of %d parameters and %d optimizer-state elements (%s)",
+            "rank %d holds %d of %d parameters (%d trainable) and %d optimizer-state elements (%s)",
             report["rank"],
             report["parameters_local"],
             report["parameters_total"],
+            report["parameters_trainable"],
             report["optimizer_state_local"],
             report["strategy"],
         )
