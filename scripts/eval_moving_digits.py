@@ -54,7 +54,10 @@ def sample_folder(folder: Path) -> tuple[torch.Tensor, list[str]]:
 
 
 def percent(figures: dict[str, float]) -> str:
-    return f"digit {100 * figures['digit_acc']:5.1f}%   motion {100 * figures['motion_acc']:5.1f}%"
+    return (
+        f"digit {100 * figures['digit_acc']:5.1f}%   motion {100 * figures['motion_acc']:5.1f}%   "
+        f"consistency {100 * figures['consistency']:5.1f}%"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

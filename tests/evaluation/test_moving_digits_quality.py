@@ -125,7 +125,7 @@ def test_a_folder_of_samples_is_scored_against_its_prompts(tmp_path):
     (tmp_path / "prompts.txt").write_text("".join(f"{p}\n" for p in prompts))
     read, read_prompts = sample_folder(tmp_path)
     assert read.shape == (8, 3, 8, 64, 64) and read_prompts == prompts
-    assert md.score(read, prompts) == {"digit_acc": 1.0, "motion_acc": 1.0}
+    assert md.score(read, prompts) == {"digit_acc": 1.0, "motion_acc": 1.0, "consistency": 1.0}
     assert main(["--samples", str(tmp_path)]) == 0
 
 
@@ -143,9 +143,9 @@ def test_a_still_digit_is_read_but_does_not_move_and_a_blank_video_scores_nothin
     videos, captions = held_out
     still = videos[:64, :, :1].expand(-1, -1, 8, -1, -1)
     figures = md.score(still, captions[:64], classifier)
-    assert figures["digit_acc"] >= 0.9 and figures["motion_acc"] == 0.0
+    assert figures["digit_acc"] >= 0.9 and figures["motion_acc"] == 0.0 and figures["consistency"] == 0.0
     blank = torch.full((8, 3, 8, 32, 32), -1.0)
-    assert md.score(blank, captions[:8], classifier) == {"digit_acc": 0.0, "motion_acc": 0.0}
+    assert md.score(blank, captions[:8], classifier) == {"digit_acc": 0.0, "motion_acc": 0.0, "consistency": 0.0}
     assert (md.read_videos(blank, classifier).digits == -1).all()
 
 
@@ -261,5 +261,32 @@ def test_callback_scores_generated_videos_on_schedule_and_keeps_history(classifi
         lambda m, p, first: torch.full((len(p), 3, 8, 32, 32), -1.0), log, 10, classifier=classifier
     )
     assert other.evaluate(fake_trainer(20, rank_zero=False), module) is None
-    assert other.evaluate(fake_trainer(30), module) == {"eval/digit_acc": 0.0, "eval/motion_acc": 0.0}
+    assert other.evaluate(fake_trainer(30), module) == {
+        "eval/digit_acc": 0.0,
+        "eval/motion_acc": 0.0,
+        "eval/consistency": 0.0,
+    }
     assert [s for s, _ in log.rows] == [10, 13, 30]
+
+
+def test_temporal_consistency_needs_no_prompt_passes_real_straight_clips_and_fails_shuffled_frames(
+    held_out, classifier
+):
+    """Every real clip that does not bounce is consistent whatever its caption says; its frames in another order,
+    or a bounce, are not steady motion; one frame of another digit in eight still persists, three do not."""
+    videos, captions = held_out
+    straight = [i for i, c in enumerate(captions) if not md.parse_caption(c).bounces]
+    bounces = [i for i, c in enumerate(captions) if md.parse_caption(c).bounces]
+    wrong_prompts = [captions[(i + 1) % len(captions)] for i in straight]  # consistency does not read them
+    assert md.score(videos[straight], wrong_prompts, classifier)["consistency"] == 1.0
+    assert md.score(videos[bounces], [captions[i] for i in bounces], classifier)["consistency"] <= 0.05
+    order = torch.tensor([3, 0, 6, 1, 7, 4, 2, 5])
+    shuffled = md.score(videos[straight][:, :, order], wrong_prompts, classifier)["consistency"]
+    assert shuffled <= 0.05, shuffled
+
+    trajectory = np.stack([np.arange(8.0), 2 * np.arange(8.0)], axis=1)  # 2 px per frame to the right, down
+    assert md.consistent(np.array([3] * 7 + [8]), trajectory)
+    assert not md.consistent(np.array([3] * 5 + [8] * 3), trajectory)
+    assert not md.consistent(np.array([3] * 8), np.zeros((8, 2)))  # a still digit does not move
+    jitter = trajectory + np.array([[0, 1.5], [0, -1.5]] * 4)
+    assert not md.consistent(np.array([3] * 8), jitter)  # 1.5 px off the line, back and forth

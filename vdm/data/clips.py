@@ -94,6 +94,9 @@ class ClipMaker:
         # frames the clip can have at this stride; unknown length: assume enough, decoding will tell
         available = (total - 1) // stride + 1 if total else 1 << 30
         bucket_index = choose_bucket(self.buckets, width, height, available, is_image=False)
+        if bucket_index is None and all(bucket.frames == 1 for bucket in self.buckets):
+            # image training (num_frames=1, experiment=image_pretrain): a video gives one of its frames
+            bucket_index = choose_bucket(self.buckets, width, height, available, is_image=True)
         if bucket_index is None and self.sampling.short_clips == "pad":
             bucket_index = choose_bucket(self.buckets, width, height, 1 << 30, is_image=False)
         if bucket_index is None:

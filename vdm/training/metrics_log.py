@@ -22,6 +22,7 @@ class MetricsLog(L.Callback):
         *("train/loss_t0", "train/loss_t1", "train/loss_t2", "train/loss_t3"),
         *("nonfinite_steps",),
         *("eval/digit_acc", "eval/motion_acc"),
+        *("eval/consistency",),
     )
 
     def __init__(self, path: Path):

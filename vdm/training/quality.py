@@ -62,7 +62,7 @@ class MovingDigitsQuality(L.Callback):
     (EMA or not) and which sampler settings is `generate_fn`'s choice.
     """
 
-    METRICS = ("eval/digit_acc", "eval/motion_acc")
+    METRICS = ("eval/digit_acc", "eval/motion_acc", "eval/consistency")
 
     def __init__(
         self,
@@ -142,14 +142,16 @@ class MovingDigitsQuality(L.Callback):
         if self.clips_dir is not None:
             frames = grid(to_uint8_frames(videos), columns=8, upscale=2)
             (self.clips_dir / f"eval-step-{trainer.global_step:09d}.mp4").write_bytes(encode_mp4(frames, fps=4))
-        values = {"eval/digit_acc": figures["digit_acc"], "eval/motion_acc": figures["motion_acc"]}
+        values = {f"eval/{key}": figures[key] for key in ("digit_acc", "motion_acc", "consistency")}
         self.history.append((trainer.global_step, values))
         self.metrics_log.write(trainer, trainer.global_step, values)
         log.info(
-            "step %d: digit accuracy %.1f%%, motion accuracy %.1f%% over %d prompts (%d of %d chunks on rank 0)",
+            "step %d: digit accuracy %.1f%%, motion accuracy %.1f%%, temporal consistency %.1f%% over %d prompts "
+            "(%d of %d chunks on rank 0)",
             trainer.global_step,
             100 * values["eval/digit_acc"],
             100 * values["eval/motion_acc"],
+            100 * values["eval/consistency"],
             len(self.prompts),
             sum(i is not None for i in spread(self.chunks, trainer.world_size, 0)),
             self.chunks,

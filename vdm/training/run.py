@@ -61,7 +61,11 @@ class RunSummary:
             summary |= {"held_out_first": self.held_out[0], "held_out_last": self.held_out[-1]}
         if self.quality:
             figures = self.quality[1]
-            summary |= {"digit_accuracy": figures["eval/digit_acc"], "motion_accuracy": figures["eval/motion_acc"]}
+            summary |= {
+                "digit_accuracy": figures["eval/digit_acc"],
+                "motion_accuracy": figures["eval/motion_acc"],
+                "consistency": figures["eval/consistency"],
+            }
         return summary
 
     def log(self) -> None:
@@ -71,12 +75,13 @@ class RunSummary:
         if self.quality:
             step, figures = self.quality
             log.info(
-                "generated clips at step %d (%d prompts): digit accuracy %.1f%%, motion accuracy %.1f%% "
-                "(real held-out clips score 98%% and 100%%; chance is 10%% and 12.5%%)",
+                "generated clips at step %d (%d prompts): digit accuracy %.1f%%, motion accuracy %.1f%%, temporal "
+                "consistency %.1f%% (real held-out clips score 98%%, 100%%, 100%%; chance is 10%% and 12.5%%)",
                 step,
                 self.quality_prompts,
                 100 * figures["eval/digit_acc"],
                 100 * figures["eval/motion_acc"],
+                100 * figures["eval/consistency"],
             )
         log.info("skipped samples: %s", self.skipped)
 
