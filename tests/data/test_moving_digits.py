@@ -45,3 +45,19 @@ def test_held_out_split_decodes_fully_with_captions_matching_metadata():
     captions = [c for b in batches for c in b.captions]
     assert all(c.startswith("the digit ") and " moves " in c for c in captions)
     assert {c.split()[2] for c in captions} == {str(d) for d in range(10)}
+
+
+def test_image_training_takes_one_frame_of_every_video():
+    """data.num_frames=1 (experiment=image_pretrain): every video gives one frame, nothing is skipped as too
+    short."""
+    data = VideoData(
+        str(BUNDLED / "train-000000.tar.gz"),
+        eval_shards=str(BUNDLED / "eval-000000.tar.gz"),
+        num_frames=1,
+        frame_stride=2,
+        size=32,
+        batch_size=64,
+    )
+    batches = list(data.eval_loader())
+    assert sum(len(b) for b in batches) == 512 and data.skips.total() == 0
+    assert all(b.video.shape[2] == 1 for b in batches)
