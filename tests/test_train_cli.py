@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.runs import run_train
+from tests.runs import run_train, train_losses
 from vdm.models import SpaceTimeDiT
 from vdm.models.param_groups import is_temporal
 from vdm.models.weights import read_weights_file, save_weights
@@ -331,6 +331,18 @@ def test_each_job_of_a_multirun_sweep_gets_its_own_run_directory_named_by_its_va
         assert [p.name for p in (runs[name] / "checkpoints").iterdir()] == [f"step-{steps:09d}.ckpt"]
 
 
+def image_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A dit_tiny image model (temporal=false) with every weight random at a trained model's size, not the
+    zero-gated init (whose spatial branches pass nothing), saved as a weights file at `path`."""
+    arguments = dict(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4], temporal=False)
+    with torch.device("meta"):
+        shapes = SpaceTimeDiT(**arguments).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    image = {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
+    save_weights(path, image, arguments)
+    return image
+
+
 @pytest.mark.slow
 def test_staged_fine_tuning_trains_the_temporal_layers_alone_then_everything(tmp_path):
     """Stage 1 (optim.trainable=temporal) from an image model: every non-temporal weight stays the image model's,
@@ -344,13 +356,7 @@ def test_staged_fine_tuning_trains_the_temporal_layers_alone_then_everything(tmp
         "sampling.prompts=[]",
         "evaluation=none",
     ]
-    with torch.device("meta"):
-        shapes = SpaceTimeDiT(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4],
-                              temporal=False).state_dict()  # fmt: skip
-    generator = torch.Generator().manual_seed(0)  # a trained model's size, not the zero-gated init
-    image = {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
-    arguments = dict(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4], temporal=False)
-    save_weights(tmp_path / "image.safetensors", image, arguments)
+    image = image_weights(tmp_path / "image.safetensors")
 
     first = train("name=temporal", f"init_from={tmp_path / 'image.safetensors'}", "optim.trainable=temporal", *common)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -374,3 +380,68 @@ def test_staged_fine_tuning_trains_the_temporal_layers_alone_then_everything(tmp
     assert report["parameters_trainable"] == report["parameters_total"]
     groups = {g["name"]: g["lr"] for g in final["optimizer_states"][0]["param_groups"]}
     assert groups["spatial"] == pytest.approx(0.1 * groups["temporal"]) and groups["embeddings"] == groups["temporal"]
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_exactly_and_exports_merged_or_as_peft_adapters(tmp_path):
+    """LoRA adapters on the spatial attention and MLP with only the temporal layers otherwise trained: a run
+    stopped at step 2 and resumed ends where the uninterrupted one does, bit for bit; its export is the plain
+    network with the adapters merged, and its adapters alone, loaded by peft into the frozen base, are the same
+    network."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from vdm.models.weights import build_from_weights
+    from vdm.types import TextCond
+
+    common = [
+        f"run_root={tmp_path}",
+        *TINY_NO_WANDB,
+        f"init_from={tmp_path / 'image.safetensors'}",
+        "optim.lora_rank=4",
+        "optim.lora_alpha=8",
+        "optim.trainable=temporal",
+        "trainer.log_every_n_steps=1",
+        "trainer.eval_every_n_steps=0",
+        "trainer.checkpoint_every_n_steps=2",
+        "sampling.prompts=[]",
+        "evaluation=none",
+    ]
+    image_weights(tmp_path / "image.safetensors")
+    whole = train("name=whole", "trainer.max_steps=4", *common)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = train("name=parts", "trainer.max_steps=2", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = train("name=parts", "trainer.max_steps=4", *common)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert train_losses(tmp_path / "whole") == train_losses(tmp_path / "parts")
+    state = {
+        name: {k.removeprefix("net."): v for k, v in torch.load(
+            tmp_path / name / "checkpoints" / "step-000000004.ckpt", weights_only=False)["state_dict"].items()}
+        for name in ("whole", "parts")
+    }  # fmt: skip
+    assert state["whole"].keys() == state["parts"].keys()
+    assert all(torch.equal(state["whole"][k], state["parts"][k]) for k in state["whole"])
+    assert any(".lora_B." in k and state["whole"][k].abs().sum() > 0 for k in state["whole"])  # they trained
+
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-000000004.ckpt"
+    exported = subprocess.run(
+        [sys.executable, "scripts/export.py", str(checkpoint), "--out", str(tmp_path / "merged.safetensors"),
+         "--no-ema", "--adapters", str(tmp_path / "adapters")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    merged_net = build_from_weights(tmp_path / "merged.safetensors")
+    base = {k.replace(".base_layer.", "."): v for k, v in state["whole"].items() if ".lora_" not in k}
+    with torch.device("meta"):
+        peft_net = SpaceTimeDiT(**read_weights_file(tmp_path / "merged.safetensors")[0])
+    peft_net.load_state_dict(base, strict=True, assign=True)
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "adapters")), peft_net)
+    loaded = set_peft_model_state_dict(peft_net, load_file(str(tmp_path / "adapters" / "adapter_model.safetensors")))
+    assert not loaded.unexpected_keys
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 32, 32, generator=generator)
+    cond = TextCond(torch.randn(2, 5, 64, generator=generator), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 64))
+    with torch.no_grad():
+        difference = peft_net.eval()(x, torch.tensor([0.2, 0.7]), cond) - merged_net(x, torch.tensor([0.2, 0.7]), cond)
+    assert difference.abs().max() <= 1e-5

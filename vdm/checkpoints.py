@@ -38,6 +38,7 @@ import yaml
 from torch import Tensor
 
 from vdm.models import SpaceTimeDiT
+from vdm.models.lora import adapted_layers, adapter_files, lora_scales, merged
 from vdm.models.weights import model_kwargs, read_weights_file, save_weights
 from vdm.state_dicts import diff_state_dicts
 
@@ -207,9 +208,11 @@ def ema_entry(container: dict) -> dict | None:
 
 @dataclass
 class NetworkWeights:
-    net: dict[str, Tensor]  # under SpaceTimeDiT's own names
+    net: dict[str, Tensor]  # under SpaceTimeDiT's own names (LoRA adapters merged in)
     ema: dict[str, Tensor] | None
     ignored: list[str] = field(default_factory=list)  # the checkpoint's other state-dict entries
+    adapted: dict[str, Tensor] | None = None  # a LoRA run's network as it trained (base layers, adapters, scales)
+    adapted_ema: dict[str, Tensor] | None = None  # and its EMA
 
 
 def strip_wrappers(key: str) -> str:
@@ -245,8 +248,10 @@ def network_weights(state_dict: dict, ema_entry: dict | None = None) -> NetworkW
             )
         ignored += [EMA + k for k in ema]
         ema = dict(ema_entry)
+    adapted = net if adapted_layers(net) else None
+    net = merged(net)
     if not ema:
-        return NetworkWeights(net, None, ignored)
+        return NetworkWeights(net, None, ignored, adapted)
     normalized = {}
     for key, value in ema.items():
         name = strip_wrappers(key)
@@ -256,12 +261,14 @@ def network_weights(state_dict: dict, ema_entry: dict | None = None) -> NetworkW
         if not isinstance(value, Tensor):
             raise CheckpointError(f"EMA entry {key!r} is not a tensor ({type(value).__name__})")
         normalized[name] = value
+    adapted_ema = {**normalized, **lora_scales(adapted)} if adapted is not None else None
+    normalized = merged(normalized, scales=lora_scales(adapted or {}))
     missing, unexpected = sorted(set(net) - set(normalized)), sorted(set(normalized) - set(net))
     if missing or unexpected:
         raise CheckpointError(
             f"the EMA does not cover the network's names: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return NetworkWeights(net, normalized, ignored)
+    return NetworkWeights(net, normalized, ignored, adapted, adapted_ema)
 
 
 # ------------------------------------------------------------------ the model config
@@ -355,10 +362,19 @@ def read_weights(path: str | Path, ema: bool = False) -> tuple[dict, dict[str, T
 
 
 def export_weights(
-    path: str | Path, out: str | Path, model: dict, source: str | Path, dtype: str = "keep", ema: bool = True
+    path: str | Path,
+    out: str | Path,
+    model: dict,
+    source: str | Path,
+    dtype: str = "keep",
+    ema: bool = True,
+    adapters: str | Path | None = None,
 ) -> dict:
     """Write the network (and, if `ema`, its EMA as `ema.<name>`) of the checkpoint at `path` to the weights
-    file `out`, with the model arguments `model_arguments` finds from `model`; returns what was written."""
+    file `out`, with the model arguments `model_arguments` finds from `model`; returns what was written.
+
+    A LoRA run's adapters are merged into the weights they adapt. `adapters` (a folder) also writes them alone
+    in peft's layout (vdm/models/lora.py), and, with `ema`, its EMA's in `<adapters>/ema`."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"the weights file must end in .safetensors (got {out})")
@@ -376,6 +392,12 @@ def export_weights(
     provenance = {"checkpoint": str(path), "layout": layout, "global_step": checkpoint.step}
     metadata = {"vdm_export": json.dumps(provenance, default=str)}
     save_weights(out, net, arguments, ema_state_dict=ema_weights, extra_metadata=metadata)
+    if adapters is not None:
+        if weights.adapted is None:
+            raise CheckpointError(f"{path}: holds no LoRA adapters (the run had optim.lora_rank=0)")
+        adapter_files(weights.adapted, adapters)
+        if ema and weights.adapted_ema is not None:
+            adapter_files(weights.adapted_ema, Path(adapters) / "ema")
     return {
         "out": str(out),
         "checkpoint": str(path),
@@ -389,6 +411,8 @@ def export_weights(
         "parameters": sum(v.numel() for v in net.values()),
         "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in net.values()}),
         "ema": ema_weights is not None,
+        "lora": weights.adapted is not None,
+        "adapters": None if adapters is None else str(adapters),
         "ignored": len(weights.ignored),
         "bytes": out.stat().st_size,
         "seconds": time.perf_counter() - started,

@@ -12,11 +12,22 @@ from torch import nn
 GROUPS = ("temporal", "spatial", "embeddings")
 TRAINABLE = ("all", "temporal")
 EMBEDDINGS = ("patch_embed.", "t_embedder.", "pooled_proj.", "caption_proj.")
+LORA_TARGETS = {  # the linears LoRA may adapt (vdm/models/lora.py), by their names in SpaceTimeBlock
+    "spatial_attn": r"spatial_attn\.(to_q|to_kv|proj)",
+    "cross_attn": r"cross_attn\.(to_q|to_kv|proj)",
+    "temporal_attn": r"temporal_attn\.(to_q|to_kv|proj)",
+    "mlp": r"mlp\.(0|2)",
+}
 
 
 def is_temporal(name: str) -> bool:
     """Whether a parameter belongs to a temporal layer, which an image model does not have."""
     return any(part.startswith("temporal") for part in name.split("."))
+
+
+def is_lora(name: str) -> bool:
+    """A LoRA adapter's own parameter (lora_A, lora_B: vdm/models/lora.py), which trains whatever else is frozen."""
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def parameter_group(name: str) -> str:
@@ -33,14 +44,17 @@ def set_trainable(net: nn.Module, trainable: str) -> dict[str, int]:
     stage of an image model's fine-tune into a video model). Returns {group: trainable parameter elements}.
 
     Done before any strategy wraps the network, so DDP reduces, ZeRO partitions and the optimizer holds state for
-    the trainable parameters only.
+    the trainable parameters only. LoRA adapters always train, and the layers they adapt (`base_layer`) never do.
     """
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE} (got {trainable!r})")
     counts = dict.fromkeys(GROUPS, 0)
     for name, parameter in net.named_parameters():
         group = parameter_group(name)
-        parameter.requires_grad_(trainable == "all" or group == "temporal")
+        if is_lora(name) or ".base_layer." in name:
+            parameter.requires_grad_(is_lora(name))
+        else:
+            parameter.requires_grad_(trainable == "all" or group == "temporal")
         if parameter.requires_grad:
             counts[group] += parameter.numel()
     if trainable == "temporal" and not counts["temporal"]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from vdm.config_check import ConfigError
 from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
 from vdm.generate import SamplingSettings, generate
+from vdm.models.lora import add_lora
 from vdm.models.param_groups import set_trainable
 from vdm.seeding import generator_for
 from vdm.training.ema import EMA
@@ -88,7 +89,9 @@ class VideoDiffusion(L.LightningModule):
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1) (got {caption_dropout})")
         self.net = net
-        # staged fine-tuning: frozen before any strategy wraps the network (no gradient, no optimizer state)
+        # staged fine-tuning and LoRA: before any strategy wraps the network (frozen: no gradient, no optimizer state)
+        if optim.lora_rank:
+            add_lora(net, optim.lora_rank, optim.lora_alpha, list(optim.lora_targets))
         self.trainable_elements = set_trainable(net, optim.trainable)  # {group: elements that train}
         self.objective = objective
         self.autoencoder = autoencoder

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vdm.models.param_groups import GROUPS, TRAINABLE, parameter_group
+from vdm.models.param_groups import GROUPS, LORA_TARGETS, TRAINABLE, parameter_group
 
 
 @dataclass
@@ -24,6 +24,8 @@ class AdamW:
     (frozen parameters get no gradient and no optimizer state), "all" trains everything; `lr_scale` multiplies
     `lr` per kind of parameter ({temporal, spatial, embeddings}: e.g. new temporal layers faster than the image
     model's spatial ones). With every scale 1 the parameters form one group, as without it.
+    `lora_rank` > 0 adds LoRA adapters (scale lora_alpha / lora_rank) to `lora_targets` (spatial_attn,
+    cross_attn, temporal_attn, mlp) and freezes the layers they adapt: the alternative to unfreezing them.
     """
 
     lr: float = 3e-4
@@ -34,6 +36,9 @@ class AdamW:
     fused: bool | None = None
     trainable: str = "all"
     lr_scale: dict[str, float] | None = None
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("spatial_attn", "mlp")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -55,6 +60,15 @@ class AdamW:
         if bad:
             raise ValueError(f"lr_scale: each scale must be a number > 0 (got {bad}; trainable freezes groups)")
         self.lr_scale = {group: float(scales.get(group, 1.0)) for group in GROUPS}
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0 (0: no adapters; got {self.lora_rank!r})")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 or null (= lora_rank; got {self.lora_alpha!r})")
+        self.lora_targets = tuple(self.lora_targets)
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            targets = list(self.lora_targets)
+            raise ValueError(f"lora_targets must be a non-empty list of {sorted(LORA_TARGETS)} (got {targets})")
 
     def parameter_groups(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
         """The trainable parameters, in one group, or one per kind with its learning rate when lr_scale says so."""
