@@ -11,6 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from vdm.models import SpaceTimeDiT
+from vdm.models.weights import save_weights
+
 ROOT = Path(__file__).resolve().parents[1]
 # a key in the environment would log to W&B; a Slurm job's variables would make a child run one of its tasks
 FOREIGN = ("WANDB_", "SLURM_")
@@ -79,3 +84,18 @@ def train_losses(run: Path) -> dict[int, float]:
     """{step: train/loss} of metrics.csv."""
     with open(run / "metrics.csv", newline="") as file:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
+
+
+# ------------------------------------------------------------------ weights to start from
+
+
+def image_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A dit_tiny image model (temporal=false) with every weight random at a trained model's size, not the
+    zero-gated init (whose spatial branches pass nothing), saved as a weights file at `path`."""
+    arguments = dict(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4], temporal=False)
+    with torch.device("meta"):
+        shapes = SpaceTimeDiT(**arguments).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    image = {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
+    save_weights(path, image, arguments)
+    return image

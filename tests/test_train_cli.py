@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.runs import run_train, train_losses
+from tests.runs import image_weights, run_train, train_losses
 from vdm.models import SpaceTimeDiT
 from vdm.models.param_groups import is_temporal
 from vdm.models.weights import read_weights_file, save_weights
@@ -329,18 +329,6 @@ def test_each_job_of_a_multirun_sweep_gets_its_own_run_directory_named_by_its_va
     for name, steps in (("sweep-0-trainer.max_steps=1", 1), ("sweep-1-trainer.max_steps=2", 2)):
         assert yaml.safe_load((runs[name] / "config.yaml").read_text())["trainer"]["max_steps"] == steps
         assert [p.name for p in (runs[name] / "checkpoints").iterdir()] == [f"step-{steps:09d}.ckpt"]
-
-
-def image_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A dit_tiny image model (temporal=false) with every weight random at a trained model's size, not the
-    zero-gated init (whose spatial branches pass nothing), saved as a weights file at `path`."""
-    arguments = dict(in_channels=3, text_dim=64, width=128, depth=4, heads=4, patch_size=[1, 4, 4], temporal=False)
-    with torch.device("meta"):
-        shapes = SpaceTimeDiT(**arguments).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    image = {k: 0.05 * torch.randn(v.shape, generator=generator) for k, v in shapes.items()}
-    save_weights(path, image, arguments)
-    return image
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import run_train, succeeded, train_losses
+from tests.runs import image_weights, run_train, succeeded, train_losses
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_ZERO = "strategy._target_=tests.distributed.cpu_deepspeed.CPUDeepSpeedZeRO"
@@ -110,3 +110,22 @@ def test_checkpoint_resumes_exactly(runs, strategy, tmp_path):
     result = train(tmp_path, strategy, strategy, STEPS)  # the same command again continues it
     assert f"resuming from {tmp_path / strategy / 'checkpoints' / half_way}" in result.stdout + result.stderr
     assert train_losses(tmp_path / strategy) == train_losses(runs[strategy])
+
+
+def test_lora_fine_tuning_gives_ddps_losses_under_zero2_and_partitions_only_what_trains(tmp_path):
+    """LoRA on the spatial attention and MLP of an image model inflated into a video model, with the temporal layers
+    the only other trainable part: ZeRO-2 gives DDP's losses step by step, and its two ranks split the optimizer
+    states of the trainable parameters (adapters and temporal layers) only."""
+    image_weights(tmp_path / "image.safetensors")
+    lora = [f"init_from={tmp_path / 'image.safetensors'}", "optim.lora_rank=4", "optim.trainable=temporal"]
+    for strategy in ("ddp", "zero2"):
+        train(tmp_path, strategy, strategy, 3, *lora)
+    reference, other = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "zero2")
+    assert sorted(reference) == sorted(other) == [1, 2, 3]
+    for step in reference:
+        assert other[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+    ddp, zero2 = sharding(tmp_path / "ddp"), sharding(tmp_path / "zero2")
+    trainable = ddp[0]["parameters_trainable"]
+    assert 0 < trainable < ddp[0]["parameters_total"] and ddp[0]["optimizer_state_local"] == 2 * trainable
+    assert all(r["parameters_trainable"] == trainable for r in zero2)
+    assert sum(r["optimizer_state_local"] for r in zero2) == pytest.approx(2 * trainable, rel=0.01)  # padding
