@@ -40,7 +40,25 @@ def local_t5(folder: Path) -> list[str]:
     return [f"text.path={folder}"]
 
 
-REQUIRED = {("text", "t5_xxl"): local_t5}  # presets with a value the user must give (`???`)
+def local_vae(kind: str):
+    """A small diffusers VAE folder of `kind` (kl_tiny's or wan_tiny's config), for a preset that loads one."""
+
+    def write(folder: Path) -> list[str]:
+        import yaml
+        from diffusers import AutoencoderKL, AutoencoderKLWan
+
+        config = yaml.safe_load((CONF / "autoencoder" / f"{kind}_tiny.yaml").read_text())["config"]
+        (AutoencoderKL if kind == "kl" else AutoencoderKLWan)(**config).save_pretrained(folder)
+        return [f"autoencoder.path={folder}"] + (["data.num_frames=9", "data.frame_stride=1"] if kind == "wan" else [])
+
+    return write
+
+
+REQUIRED = {  # presets with a value the user must give (`???`)
+    ("text", "t5_xxl"): local_t5,
+    ("autoencoder", "kl"): local_vae("kl"),
+    ("autoencoder", "wan"): local_vae("wan"),
+}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -38,12 +38,7 @@ def generate(
     """
     device = next(net.parameters()).device
     height, width = (size, size) if isinstance(size, int) else size
-    latent_shape = (
-        autoencoder.latent_channels,
-        num_frames // autoencoder.temporal_factor,
-        height // autoencoder.spatial_factor,
-        width // autoencoder.spatial_factor,
-    )
+    latent_shape = (autoencoder.latent_channels, *autoencoder.latent_shape(num_frames, height, width))
     noise = torch.stack(
         [
             torch.randn(latent_shape, generator=torch.Generator().manual_seed(derive_seed(settings.seed, index)))

@@ -46,8 +46,10 @@ def check_compatible(net, autoencoder, data) -> None:
     pt, ph, pw = net.patch_size
     for bucket in data.bucket_list:
         key = "data.buckets" if data.buckets else ("data.image_batch_size" if bucket.frames == 1 else "data")
-        frames = bucket.frames // autoencoder.temporal_factor if bucket.frames > 1 else 1
-        height, width = bucket.height // autoencoder.spatial_factor, bucket.width // autoencoder.spatial_factor
+        try:
+            frames, height, width = autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)
+        except ValueError as error:  # the autoencoder's own rule (a spatial factor, Wan's 1 + 4k frames)
+            raise ConfigError(f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width}: {error}") from None
         if frames % pt or height % ph or width % pw:
             raise ConfigError(
                 f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} (frames x height x "

@@ -288,5 +288,6 @@ def test_temporal_consistency_needs_no_prompt_passes_real_straight_clips_and_fai
     assert md.consistent(np.array([3] * 7 + [8]), trajectory)
     assert not md.consistent(np.array([3] * 5 + [8] * 3), trajectory)
     assert not md.consistent(np.array([3] * 8), np.zeros((8, 2)))  # a still digit does not move
+    assert not md.consistent(np.array([3] * 8), trajectory / 8)  # nor does one that drifts 2 pixels
     jitter = trajectory + np.array([[0, 1.5], [0, -1.5]] * 4)
     assert not md.consistent(np.array([3] * 8), jitter)  # 1.5 px off the line, back and forth

@@ -25,6 +25,10 @@ class IdentityAutoencoder(nn.Module):
     def latent_channels(self) -> int:
         return self.channels
 
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) of the latents of a clip of (frames, height, width): the same."""
+        return frames, height, width
+
     def encode(self, video: Tensor) -> Tensor:
         return video
 

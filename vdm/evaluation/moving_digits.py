@@ -16,9 +16,10 @@ What "correct" means:
             its second half always goes backwards. A clip with a blank frame has no trajectory: wrong.
     consistency  (the prompt not read) the clip is temporally coherent: every frame is drawn, at least
             `PERSISTENT_SHARE` of them read as the clip's digit, and the digit moves steadily in some
-            direction: it travels at least `MIN_TRAVEL` and its centres keep within `STEADY_RESIDUAL` (RMS)
-            of a straight line at constant speed. Real clips that do not bounce all pass (their centres
-            fit the line to 0.01 pixels); their frames shuffled leave it by 4.5 pixels. A model shows this
+            direction: it travels at least `STEADY_TRAVEL` and its centres keep within `STEADY_RESIDUAL`
+            (RMS) of a straight line at constant speed. Real clips that do not bounce all pass (they travel
+            14 pixels over 8 frames and fit the line to 0.01 pixels); their frames shuffled leave it by 4.5
+            pixels, and a blob that drifts a pixel or two is not motion. A model shows this
             before it follows the prompt's direction: temporal learning, measured on its own.
 
 Frames of any size are resized to the 32 x 32 canvas the dataset draws on, so pixel figures below
@@ -65,6 +66,7 @@ BACKGROUND = 0.1  # intensity taken off every pixel before the classifier reads 
 MIN_TRAVEL = 1.0  # canvas pixels a clip (or a bounce's leg) must move to have a direction at all
 PERSISTENT_SHARE = 0.75  # of a clip's frames that must read as its digit for it to persist
 STEADY_RESIDUAL = 1.0  # canvas pixels (RMS) the centres may stray from a constant-velocity line
+STEADY_TRAVEL = 4.0  # canvas pixels a consistent clip travels at least (real ones: 14 over 8 frames)
 BLURS = (0.0, 0.5, 1.0, 1.5)  # Gaussian sigmas (pixels) of the copies of each scan the classifier learns from
 
 _CAPTION = re.compile(r"^the digit (\d) moves (.+?)( and bounces back)?$")
@@ -136,7 +138,7 @@ def motion_correct(trajectory: np.ndarray, prompt: DigitPrompt) -> bool:
 
 
 def steady(trajectory: np.ndarray) -> bool:
-    """Whether a (T, 2) trajectory (NaN where blank) moves at least MIN_TRAVEL along a straight line at constant
+    """Whether a (T, 2) trajectory (NaN where blank) moves at least STEADY_TRAVEL along a straight line at constant
     speed, to within STEADY_RESIDUAL pixels RMS."""
     if len(trajectory) < 2 or np.isnan(trajectory).any():
         return False
@@ -145,7 +147,7 @@ def steady(trajectory: np.ndarray) -> bool:
     velocity = travel(trajectory) / (len(trajectory) - 1)
     fit = trajectory.mean(axis=0) + t[:, None] * velocity
     residual = np.sqrt(((trajectory - fit) ** 2).sum(axis=1).mean())
-    return bool(np.hypot(*travel(trajectory)) >= MIN_TRAVEL and residual <= STEADY_RESIDUAL)
+    return bool(np.hypot(*travel(trajectory)) >= STEADY_TRAVEL and residual <= STEADY_RESIDUAL)
 
 
 def consistent(frame_digits: np.ndarray, trajectory: np.ndarray) -> bool:

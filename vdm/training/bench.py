@@ -135,6 +135,7 @@ def plain_run(parts: Parts, loader: DataLoader, device: torch.device, timing: Ti
     parts.reset()
     net = parts.net.to(device).train()
     parts.text_encoder.to(device)
+    parts.autoencoder.to(device)
     if parts.ema is not None:
         parts.ema.to(device)
     optimizer, scheduler = parts.optim.build(net.named_parameters())

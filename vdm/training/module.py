@@ -67,9 +67,9 @@ class StepOutputs:
 class VideoDiffusion(L.LightningModule):
     """Trains `net` under `objective`, conditioned on captions through a frozen text encoder.
 
-    The text encoder is held outside the module tree: it is frozen and rebuilt identically from its
-    config (fixed seed or a weights file), so it is kept out of checkpoints, the optimizer and the
-    parallel strategy's sharding.
+    The text encoder and the autoencoder are held outside the module tree: they are frozen and rebuilt
+    identically from their configs (fixed seed or a weights file), so they are kept out of checkpoints, the
+    optimizer and the parallel strategy's sharding.
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class VideoDiffusion(L.LightningModule):
             add_lora(net, optim.lora_rank, optim.lora_alpha, list(optim.lora_targets))
         self.trainable_elements = set_trainable(net, optim.trainable)  # {group: elements that train}
         self.objective = objective
-        self.autoencoder = autoencoder
+        self.__dict__["autoencoder"] = autoencoder  # frozen like the text encoder: outside the module tree
         self.optim = optim
         self.seed = seed
         self.caption_dropout = caption_dropout
@@ -116,6 +116,7 @@ class VideoDiffusion(L.LightningModule):
             except ValueError as error:
                 raise ConfigError(f"model.{error}") from None
         self.text_encoder.to(self.device)
+        self.autoencoder.to(self.device)
         if self.ema is not None:
             self.ema.to(self.device)
 
