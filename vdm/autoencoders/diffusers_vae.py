@@ -23,27 +23,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import diffusers
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-PICKLED = ("diffusion_pytorch_model.bin",)
+from vdm.local_weights import check_source
 
 
 def _build(cls, path: str | Path | None, config: dict | None, seed: int, dtype: str) -> nn.Module:
-    if (path is None) == (config is None):
-        raise ValueError("give exactly one of path (a local diffusers VAE folder) and config (random weights)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})")
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = check_source(path, config, "diffusers VAE", dtype)
     if path is not None:
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: not a diffusers VAE folder (no config.json)")
-        if not any(path.glob("*.safetensors")):
-            pickled = [name for name in PICKLED if (path / name).exists()]
-            hint = f" ({pickled} are pickles, never read here)" if pickled else ""
-            raise ValueError(f"{path}: no .safetensors weights{hint}")
         return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is neither used nor changed
         torch.manual_seed(seed)
@@ -53,14 +43,29 @@ def _build(cls, path: str | Path | None, config: dict | None, seed: int, dtype: 
 class _FrozenVAE(nn.Module):
     spatial_factor: int
     temporal_factor: int
+    diffusers_class: str  # the diffusers model class it wraps
 
-    def __init__(self, vae: nn.Module, slicing: bool, tiling: bool):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        config: dict | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+        slicing: bool = True,
+        tiling: bool = False,
+    ):
         super().__init__()
+        vae = _build(getattr(diffusers, self.diffusers_class), path, config, seed, dtype)
         self.vae = vae.eval().requires_grad_(False)
         if slicing:
             self.vae.enable_slicing()
         if tiling:
             self.vae.enable_tiling()
+        self.configure()
+
+    def configure(self) -> None:
+        """The factors and normalization of the VAE just built (each class reads its own config)."""
+        raise NotImplementedError
 
     @property
     def latent_channels(self) -> int:
@@ -90,19 +95,9 @@ class KLAutoencoder(_FrozenVAE):
     """diffusers' AutoencoderKL on every frame: (B, C, T, H, W) -> (B, c, T, H/f, W/f), f = 2^(levels - 1)."""
 
     temporal_factor = 1
+    diffusers_class = "AutoencoderKL"
 
-    def __init__(
-        self,
-        path: str | Path | None = None,
-        config: dict | None = None,
-        seed: int = 0,
-        dtype: str = "float32",
-        slicing: bool = True,
-        tiling: bool = False,
-    ):
-        from diffusers import AutoencoderKL
-
-        super().__init__(_build(AutoencoderKL, path, config, seed, dtype), slicing, tiling)
+    def configure(self) -> None:
         self.spatial_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.scale = float(self.vae.config.scaling_factor)
         self.shift = float(self.vae.config.shift_factor or 0.0)
@@ -127,18 +122,9 @@ class WanAutoencoder(_FrozenVAE):
     """diffusers' AutoencoderKLWan: (B, C, 1 + r k, H, W) -> (B, c, 1 + k, H/f, W/f), causal in time (the first
     frame alone, then r frames per latent frame); r = 2^(temporal downsamplings), f = 2^(levels - 1)."""
 
-    def __init__(
-        self,
-        path: str | Path | None = None,
-        config: dict | None = None,
-        seed: int = 0,
-        dtype: str = "float32",
-        slicing: bool = True,
-        tiling: bool = False,
-    ):
-        from diffusers import AutoencoderKLWan
+    diffusers_class = "AutoencoderKLWan"
 
-        super().__init__(_build(AutoencoderKLWan, path, config, seed, dtype), slicing, tiling)
+    def configure(self) -> None:
         cfg = self.vae.config
         self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
         self.temporal_factor = 2 ** sum(bool(d) for d in cfg.temperal_downsample)

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 
+from vdm.local_weights import check_source
 from vdm.types import TextCond
-
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class T5TextEncoder(nn.Module):
@@ -41,21 +40,11 @@ class T5TextEncoder(nn.Module):
         dtype: str = "float32",
     ):
         super().__init__()
-        if (path is None) == (config is None):
-            raise ValueError("give exactly one of path (a local T5 encoder folder) and config (random weights)")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise ValueError(f"max_length must be a positive int (max_length={max_length!r})")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {dtype!r})")
-        torch_dtype = getattr(torch, dtype)
+        torch_dtype = check_source(path, config, "T5 encoder", dtype)
         if path is not None:
             path = Path(path)
-            if not (path / "config.json").is_file():
-                raise ValueError(f"{path}: not a T5 encoder folder (no config.json)")
-            if not any(path.glob("*.safetensors")):
-                pickled = [name for name in PICKLED if (path / name).exists()]
-                hint = f" ({pickled} are pickles, never read here)" if pickled else ""
-                raise ValueError(f"{path}: no .safetensors weights{hint}")
             self.model = T5EncoderModel.from_pretrained(
                 path, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype
             )
