@@ -22,8 +22,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from vdm.models.param_groups import LORA_TARGETS as TARGETS
 from vdm.models.param_groups import is_lora
+
+TARGETS = {  # the linears LoRA may adapt, by their names in SpaceTimeBlock
+    "spatial_attn": r"spatial_attn\.(to_q|to_kv|proj)",
+    "cross_attn": r"cross_attn\.(to_q|to_kv|proj)",
+    "temporal_attn": r"temporal_attn\.(to_q|to_kv|proj)",
+    "mlp": r"mlp\.(0|2)",
+}
 
 SCALE = "lora_scale"
 BASE, A, B = ".base_layer.weight", ".lora_A.default.weight", ".lora_B.default.weight"

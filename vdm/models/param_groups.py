@@ -12,12 +12,6 @@ from torch import nn
 GROUPS = ("temporal", "spatial", "embeddings")
 TRAINABLE = ("all", "temporal")
 EMBEDDINGS = ("patch_embed.", "t_embedder.", "pooled_proj.", "caption_proj.")
-LORA_TARGETS = {  # the linears LoRA may adapt (vdm/models/lora.py), by their names in SpaceTimeBlock
-    "spatial_attn": r"spatial_attn\.(to_q|to_kv|proj)",
-    "cross_attn": r"cross_attn\.(to_q|to_kv|proj)",
-    "temporal_attn": r"temporal_attn\.(to_q|to_kv|proj)",
-    "mlp": r"mlp\.(0|2)",
-}
 
 
 def is_temporal(name: str) -> bool:

@@ -203,13 +203,13 @@ def load_weights(
     """The SpaceTimeDiT of a weights file, in eval mode: as it was saved (temporal=None, or the file's own kind),
     or, with temporal=True for an image model's file, the video model inflated from it, which equals the image
     model on every frame (vdm/models/inflate.py). A video model's file is never made an image model."""
-    config, state_dict = read_weights_file(path, ema=ema)
-    _check_config(config)
-    saved_temporal = config.get("temporal", True)
-    if temporal is None or temporal == saved_temporal:
+    saved = json.loads(read_metadata(path).get(CONFIG_KEY, "{}")).get("temporal", True)
+    if temporal is None or temporal == saved:
         return build_from_weights(path, ema=ema, device=device)
     if not temporal:
         raise ValueError(f"{path}: holds a video model (temporal=true); it cannot be loaded as an image model")
+    config, state_dict = read_weights_file(path, ema=ema)
+    _check_config(config)
     net = SpaceTimeDiT(**{**config, "temporal": True})
     inflate(net, state_dict, strict=True)
     return net.to(device).eval()

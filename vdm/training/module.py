@@ -92,7 +92,7 @@ class VideoDiffusion(L.LightningModule):
         # staged fine-tuning and LoRA: before any strategy wraps the network (frozen: no gradient, no optimizer state)
         if optim.lora_rank:
             add_lora(net, optim.lora_rank, optim.lora_alpha, list(optim.lora_targets))
-        self.trainable_elements = set_trainable(net, optim.trainable)  # {group: elements that train}
+        set_trainable(net, optim.trainable)
         self.objective = objective
         self.__dict__["autoencoder"] = autoencoder  # frozen like the text encoder: outside the module tree
         self.optim = optim

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vdm.models.param_groups import GROUPS, LORA_TARGETS, TRAINABLE, parameter_group
+from vdm.models.lora import target_pattern
+from vdm.models.param_groups import GROUPS, TRAINABLE, parameter_group
 
 
 @dataclass
@@ -65,10 +66,7 @@ class AdamW:
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0 or null (= lora_rank; got {self.lora_alpha!r})")
         self.lora_targets = tuple(self.lora_targets)
-        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        if unknown or not self.lora_targets:
-            targets = list(self.lora_targets)
-            raise ValueError(f"lora_targets must be a non-empty list of {sorted(LORA_TARGETS)} (got {targets})")
+        target_pattern(list(self.lora_targets))  # refuses an unknown or empty list now, not when adapters are added
 
     def parameter_groups(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:
         """The trainable parameters, in one group, or one per kind with its learning rate when lr_scale says so."""
