@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vdm.config_check import ConfigError
+from vdm.latent_cache import cache_key
 
 
 def missing_values(config: object, prefix: str = "") -> list[str]:
@@ -96,9 +97,24 @@ def check_global_batch(settings, data) -> int:
     return data.batch_size * accumulate * world_size
 
 
+def check_cache(parts) -> None:
+    """A latent cache to train from was made from this run's shards, transforms, autoencoder and text encoder,
+    and is complete; else a ConfigError naming what differs (vdm.data.cache)."""
+    data = parts.data
+    if data.latent_cache is None:
+        return
+    config = parts.config
+    key = cache_key(data, config["autoencoder"], parts.autoencoder, config["text"], parts.text_encoder)
+    try:
+        data.latent_cache.check(key)
+    except ValueError as error:
+        raise ConfigError(f"data.cache: {error}") from None
+
+
 def check_parts(parts) -> None:
     """Every cross-section check, on the built parts of a run (train.py's Parts)."""
     check_compatible(parts.net, parts.autoencoder, parts.data)
+    check_cache(parts)
     check_ema_strategy(parts.ema, parts.strategy)
     check_sampler(parts.sampling, parts.objective)
     check_global_batch(parts.trainer, parts.data)

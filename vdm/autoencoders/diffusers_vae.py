@@ -37,7 +37,8 @@ def _build(cls, path: str | Path | None, config: dict | None, seed: int, dtype: 
         return cls.from_pretrained(path, local_files_only=True, use_safetensors=True, torch_dtype=torch_dtype)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is neither used nor changed
         torch.manual_seed(seed)
-        return cls(**config).to(torch_dtype)
+        vae = cls(**config)
+        return vae if torch_dtype == torch.float32 else vae.to(torch_dtype)  # built in float32
 
 
 class _FrozenVAE(nn.Module):

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vdm.data.cache import collate_cached
 from vdm.data.clips import ClipMaker
 from vdm.data.skips import SkipCounter
 from vdm.data.stream import Source, WorkerStream
@@ -14,6 +15,8 @@ from vdm.types import VideoBatch
 
 
 def collate(samples: list[dict]) -> VideoBatch:
+    if "latent" in samples[0]:  # clips of a latent cache
+        return collate_cached(samples)
     videos = [s["video"] for s in samples]
     out = None
     if get_worker_info() is not None:

@@ -18,11 +18,14 @@ _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # "dir/key.ext.gz" -> ("di
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "http", "https")
 
 
-def expand_shards(spec: str | Sequence[str], remote_schemes: Sequence[str] = REMOTE_SCHEMES) -> list[str]:
+def expand_shards(
+    spec: str | Sequence[str], remote_schemes: Sequence[str] = REMOTE_SCHEMES, must_exist: bool = True
+) -> list[str]:
     """'data/train-{000000..000003}.tar.gz' (or a list of such) -> the list of shard URLs.
 
     Local paths are accepted, and URLs whose scheme is in `remote_schemes`; anything else (`pipe:`,
-    an unknown scheme) is refused with a clear message rather than handed on.
+    an unknown scheme) is refused with a clear message rather than handed on. `must_exist`: local shards of
+    which none exists are refused (a mistyped pattern).
     """
     patterns = [spec] if isinstance(spec, str) else list(spec)
     shards = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
@@ -37,7 +40,7 @@ def expand_shards(spec: str | Sequence[str], remote_schemes: Sequence[str] = REM
             )
     shards = [shard.removeprefix("file://") for shard in shards]
     local = [shard for shard in shards if shard_scheme(shard) is None]
-    if len(local) == len(shards) and not any(Path(shard).is_file() for shard in shards):
+    if must_exist and len(local) == len(shards) and not any(Path(shard).is_file() for shard in shards):
         raise FileNotFoundError(f"none of the {len(shards)} shards in {spec!r} exists (first: {shards[0]})")
     return shards
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vdm.data.buckets import Bucket
+from vdm.data.cache import Cache, CachedClipMaker, StaleCache, shard_entry, transforms_key
 from vdm.data.clips import ClipMaker, FrameSampling
 from vdm.data.pipeline import VideoShardDataset
 from vdm.data.shards import REMOTE_SCHEMES, expand_shards
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 class VideoData:
     """Shards, clip shapes and loading for training and held-out evaluation.
 
-    Local shard paths are relative to the directory train.py is started from.
+    Local shard paths are relative to the directory train.py is started from. With `cache` (a folder that
+    scripts/precompute.py wrote from these shards), training and the held-out loss read the cached latents and
+    text features instead (vdm.data.cache); the run checks first that the cache was made with its settings.
     """
 
     train_shards: str | None = None  # brace pattern of tar / tar.gz shards: the one training source
@@ -40,6 +43,8 @@ class VideoData:
     num_workers: int = 1  # loader processes per training process
     shuffle_buffer: int = 512  # raw samples held for shuffling in each worker
     random_crop: bool = True  # train only; evaluation crops the centre and starts at the first frame
+    random_start: bool = True  # train only: a clip starts at a random frame (false: at the first, as evaluation's)
+    cache: str | None = None  # a latent cache of these shards (scripts/precompute.py) to train from
     eval_clips: int = 256  # held-out clips used for the held-out loss
     max_skip_fraction: float = 0.1  # stop when more than this share of samples cannot be used
     remote_schemes: list[str] = field(default_factory=lambda: list(REMOTE_SCHEMES))  # besides local paths
@@ -66,13 +71,43 @@ class VideoData:
                 raise ValueError(f"sources[{index}] needs shards (and optionally weight), got keys {sorted(source)}")
             if float(source.get("weight", 1.0)) <= 0:
                 raise ValueError(f"sources[{index}].weight must be > 0")
-            shards = expand_shards(source["shards"], self.remote_schemes)
+            # a cache outlives its sources: with one, the source shards need not be here any more
+            shards = expand_shards(source["shards"], self.remote_schemes, must_exist=self.cache is None)
             self.train_sources.append(Source(tuple(shards), float(source.get("weight", 1.0))))
-        self.eval_shard_list = expand_shards(self.eval_shards, self.remote_schemes) if self.eval_shards else []
+        self.eval_shard_list = (
+            expand_shards(self.eval_shards, self.remote_schemes, must_exist=self.cache is None)
+            if self.eval_shards
+            else []
+        )
+        # what the shards are, before a cache replaces them as what is read
+        self.source_key = {
+            "sources": [[shard_entry(url) for url in source.shards] for source in self.train_sources],
+            "eval": [shard_entry(url) for url in self.eval_shard_list],
+        }
         self.sample_size = (self.size, self.size)  # (height, width) of sample videos
         self.bucket_list = self._buckets()
         FrameSampling(short_clips=self.short_clips)  # checks short_clips
         self.skips = SkipCounter(max_fraction=self.max_skip_fraction)
+        self.latent_cache = self._open_cache() if self.cache is not None else None
+
+    def _open_cache(self) -> Cache:
+        """The cache, which replaces the shards as what is read; its key is checked against the run's by
+        vdm.run_checks (which has the autoencoder and text encoder to compare)."""
+        cache = Cache.open(self.cache)
+        made = cache.key
+        for name, wanted in (("sources", self.source_key["sources"]), ("eval", self.source_key["eval"])):
+            if len(made[name]) != len(wanted):
+                raise StaleCache(
+                    f"the latent cache {self.cache} holds {len(made[name])} {name} entries, this config has "
+                    f"{len(wanted)}: make a cache of these shards"
+                )
+        self.train_sources = cache.sources([source.weight for source in self.train_sources])
+        self.eval_shard_list = [str(path) for path in cache.eval_shards()]
+        return cache
+
+    def transforms_key(self) -> dict:
+        """What turns a source sample into a clip here (the cache key's transforms)."""
+        return transforms_key(self.bucket_list, self.frame_stride, self.fps, self.short_clips)
 
     def _buckets(self) -> list[Bucket]:
         if self.buckets:
@@ -125,11 +160,14 @@ class VideoData:
         self.sample_size = (first.height, first.width)
         return buckets
 
-    def clip_maker(self, train: bool) -> ClipMaker:
+    def clip_maker(self, train: bool, cached: bool | None = None) -> ClipMaker | CachedClipMaker:
+        """What turns a sample into a clip: of the cache when there is one (unless `cached=False`), else of a source."""
+        if self.latent_cache is not None and cached is not False:
+            return CachedClipMaker(self.bucket_list, self.latent_cache.digest, train=train)
         sampling = FrameSampling(
             self.frame_stride,
             self.fps,
-            random_start=train,
+            random_start=train and self.random_start,
             random_crop=train and self.random_crop,
             short_clips=self.short_clips,
         )

@@ -17,7 +17,7 @@ from vdm.models.param_groups import set_trainable
 from vdm.seeding import generator_for
 from vdm.training.ema import EMA
 from vdm.training.optim import AdamW
-from vdm.types import TextCond, VideoBatch
+from vdm.types import TextCond, VideoBatch, with_rows
 
 CAPTION_STREAM = 1  # the caption-dropout draws' own stream, apart from the device's (t, noise)
 
@@ -102,6 +102,7 @@ class VideoDiffusion(L.LightningModule):
         self.parallelize = parallelize  # (net, device_mesh) -> net: sharding applied from outside (FSDP2)
         self.ema = ema if ema is not None and ema.enabled else None
         self.current_step: StepOutputs | None = None  # the optimizer step under way (or the last one)
+        self.empty_caption: TextCond | None = None  # its features, for dropped captions of cached batches
 
     def configure_model(self) -> None:
         mesh = self.device_mesh
@@ -123,6 +124,25 @@ class VideoDiffusion(L.LightningModule):
     def encode_text(self, captions: list[str]) -> TextCond:
         return self.text_encoder.encode(captions)
 
+    def latents(self, batch: VideoBatch) -> Tensor:
+        """(B, c, t, h, w) float32 latents of the batch's clips: read from a cached batch, else encoded."""
+        if batch.latents is not None:
+            return batch.latents.float()
+        return self.autoencoder.encode(batch.pixels())
+
+    def condition(self, batch: VideoBatch, captions: list[str]) -> TextCond:
+        """The text features of `captions` (the batch's, some dropped to ""): a cached batch has them; the empty
+        caption's are encoded once."""
+        if batch.text is None:
+            return self.encode_text(captions)
+        cond = batch.text.float()
+        dropped = [caption == "" for caption in captions]
+        if any(dropped):
+            if self.empty_caption is None:
+                self.empty_caption = self.encode_text([""])
+            cond = with_rows(cond, dropped, self.empty_caption)
+        return cond
+
     def losses(
         self, batch: VideoBatch, generator: torch.Generator, captions: list[str] | None = None, t: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -131,12 +151,12 @@ class VideoDiffusion(L.LightningModule):
         t and the noise are drawn from `generator` unless `t` is given (the held-out loss fixes it; its noise
         is then drawn from `generator`); `captions` replace the batch's (training drops some of them).
         """
-        x0 = self.autoencoder.encode(batch.pixels())
+        x0 = self.latents(batch)
         if t is None:
             t, noise = self.objective.draw(x0, generator)
         else:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        cond = self.encode_text(batch.captions if captions is None else captions)
+        cond = self.condition(batch, batch.captions if captions is None else captions)
         return self.objective.loss_at(self.net, x0, cond, t, noise), t
 
     def training_step(self, batch: VideoBatch, batch_idx: int) -> dict:
