@@ -4,6 +4,7 @@ a killed precompute resumes to the same bytes."""
 
 from __future__ import annotations
 
+import csv
 import signal
 import subprocess
 import sys
@@ -17,13 +18,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import load as load_tensors
 
 from scripts import precompute
+from tests.data.test_pipeline import image_members, make_shards
 from tests.runs import ROOT, succeeded, train_env, train_losses
 from train import assemble
+from vdm.autoencoders.diffusers_vae import KLAutoencoder
 from vdm.command_line import build, compose_config
 from vdm.config_check import ConfigError
+from vdm.data import VideoData
 from vdm.data.cache import Cache, CachedClipMaker
 from vdm.data.shard_writer import write_shard
 from vdm.data.shards import iter_shard_samples
+from vdm.latent_cache import Precompute, cache_key, plan, start_cache
 
 BUNDLED = ROOT / "data" / "moving_digits"
 KL = ["autoencoder=kl_tiny"]
@@ -116,8 +121,6 @@ def run(name: str, root: Path, *overrides: str) -> Path:
 
 
 def held_out(run_dir: Path) -> list[float]:
-    import csv
-
     with open(run_dir / "metrics.csv", newline="") as file:
         return [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
 
@@ -207,3 +210,37 @@ def test_a_killed_precompute_resumes_without_losing_or_repeating_a_clip(tmp_path
             a, b = load_tensors(a["safetensors"]), load_tensors(b["safetensors"])
             for part in ("latent", "tokens", "pooled"):  # up to the threads' order of float sums
                 torch.testing.assert_close(a[part], b[part], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_of_a_mixture_with_images_streams_the_same_batches_as_its_sources(tmp_path):
+    videos = make_shards(tmp_path / "raw", "v", 2, 10)  # 12-frame 16x16 grey ramps
+    stills = make_shards(tmp_path / "raw", "i", 2, 10, members=image_members)
+    settings = dict(
+        sources=[{"shards": videos, "weight": 3.0}, {"shards": stills, "weight": 1.0}],
+        num_frames=4,
+        size=16,
+        batch_size=3,
+        image_batch_size=2,
+        num_workers=0,
+        shuffle_buffer=6,
+        random_crop=False,
+        random_start=False,
+    )
+    config = compose_config(KL)
+    autoencoder, text = build(config, "autoencoder"), build(config, "text")
+    assert isinstance(autoencoder, KLAutoencoder)
+    raw = VideoData(**settings)
+    key = cache_key(raw, config["autoencoder"], autoencoder, config["text"], text)
+    cache = start_cache(tmp_path / "cache", key, views=1, dtype="float32")
+    Precompute(raw, autoencoder, text, cache).run(plan(raw, cache.root, views=1))
+    cached = VideoData(**settings, cache=str(tmp_path / "cache"))
+    cached.latent_cache.check(key)
+    stream, fly = iter(cached.train_loader(seed=3)), iter(raw.train_loader(seed=3))
+    frames = set()
+    for _ in range(12):  # more than an epoch of each source: mixing, shuffling and epochs as the sources'
+        batch, expected = next(stream), next(fly)
+        assert batch.keys == expected.keys and batch.captions == expected.captions
+        latents = autoencoder.encode(expected.pixels())
+        torch.testing.assert_close(batch.latents, latents, atol=1e-5, rtol=1e-5)
+        frames.add(batch.latents.shape[2])
+    assert frames == {4, 1}  # video clips and one-frame images, each in its own bucket

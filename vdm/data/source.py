@@ -103,6 +103,22 @@ class VideoData:
                 )
         self.train_sources = cache.sources([source.weight for source in self.train_sources])
         self.eval_shard_list = [str(path) for path in cache.eval_shards()]
+        reports = cache.reports()
+        skipped = {}
+        for report in reports:
+            for reason, count in report["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        # what the pipeline could not use was skipped (and counted) when the cache was made
+        log.info(
+            "data.cache %s: %d clips in %d of %d shards, %s view(s), %s; skipped by precompute: %s",
+            self.cache,
+            sum(r["clips"] for r in reports),
+            len(reports),
+            len(cache.all_shards()),
+            cache.manifest["views"],
+            cache.manifest["dtype"],
+            skipped or "none",
+        )
         return cache
 
     def transforms_key(self) -> dict:
