@@ -81,10 +81,11 @@ def check_ema_strategy(ema, strategy) -> None:
         )
 
 
-def check_global_batch(settings, data) -> int:
+def check_global_batch(settings, data, sequence_parallel_size: int = 1) -> int:
     """Clips per optimizer step over all ranks (of data.batch_size: the first video bucket's); checked for every
-    video bucket (every bucket, if all are images) against trainer.global_batch_size when that is set."""
-    world_size, accumulate = settings.world_size(), settings.accumulate_grad_batches
+    video bucket (every bucket, if all are images) against trainer.global_batch_size when that is set. The ranks
+    of a sequence-parallel group share their clips: the world size counts world / sequence_parallel_size."""
+    world_size, accumulate = settings.world_size() // sequence_parallel_size, settings.accumulate_grad_batches
     checked = [(i, b) for i, b in enumerate(data.bucket_list) if b.frames > 1] or list(enumerate(data.bucket_list))
     for index, bucket in checked:
         global_batch = bucket.batch_size * accumulate * world_size
@@ -111,10 +112,37 @@ def check_cache(parts) -> None:
         raise ConfigError(f"data.cache: {error}") from None
 
 
+def check_sequence_parallel(parts) -> None:
+    """strategy.sequence_parallel_size N: the world splits into groups of N, every clip's patch frames and the
+    model's heads into N parts (vdm/distributed/sequence.py); the Moving Digits evaluation is not split yet."""
+    size = parts.strategy.sequence_parallel_size
+    if size == 1:
+        return
+    key = "strategy.sequence_parallel_size"
+    world_size = parts.trainer.world_size()
+    if world_size % size:
+        raise ConfigError(f"{key}: world size {world_size} (trainer.devices x num_nodes) is not divisible by {size}")
+    net = parts.net
+    if getattr(net, "set_sequence_parallel", None) is None:
+        raise ConfigError(f"{key}: {type(net).__name__} has no sequence parallelism (SpaceTimeDiT has)")
+    if net.temporal and net.heads % size:
+        raise ConfigError(f"{key}: model.heads={net.heads} is not divisible by {size}")
+    for bucket in parts.data.bucket_list:
+        frames = parts.autoencoder.latent_shape(bucket.frames, bucket.height, bucket.width)[0] // net.patch_size[0]
+        if frames % size:
+            raise ConfigError(
+                f"{key}: clips of {bucket.frames}x{bucket.height}x{bucket.width} have {frames} patch frames, "
+                f"not divisible by {size} (each rank of a group takes whole frames)"
+            )
+    if parts.evaluation.enabled:
+        raise ConfigError(f"{key}: the Moving Digits evaluation does not run split yet; set evaluation=none")
+
+
 def check_parts(parts) -> None:
     """Every cross-section check, on the built parts of a run (train.py's Parts)."""
     check_compatible(parts.net, parts.autoencoder, parts.data)
     check_cache(parts)
     check_ema_strategy(parts.ema, parts.strategy)
     check_sampler(parts.sampling, parts.objective)
-    check_global_batch(parts.trainer, parts.data)
+    check_sequence_parallel(parts)
+    check_global_batch(parts.trainer, parts.data, parts.strategy.sequence_parallel_size)

@@ -15,14 +15,33 @@ import torch
 from torch import nn
 
 
+def check_sequence_parallel_size(size: object, supported: bool, name: str) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"sequence_parallel_size must be an int >= 1 (got {size!r})")
+    if size > 1 and not supported:
+        raise ValueError(
+            f"sequence_parallel_size={size} is not supported with {name} yet (only with strategy=ddp); "
+            "set strategy.sequence_parallel_size=1"
+        )
+
+
 @dataclass
 class DDP:
-    """Data parallel: every rank holds the whole model and optimizer; gradients are all-reduced."""
+    """Data parallel: every rank holds the whole model and optimizer; gradients are all-reduced.
+
+    sequence_parallel_size N > 1 splits each clip's frames over groups of N consecutive ranks
+    (vdm/distributed/sequence.py): the ranks of a group train on the same clips, the world / N groups are the
+    data-parallel replicas, and DDP's mean over all ranks is then the unsplit gradient (see there why).
+    """
 
     bucket_cap_mb: int = 25  # gradients are reduced in buckets of this size, overlapping the backward pass
     gradient_as_bucket_view: bool = True  # gradients live in the buckets: no extra copy
     find_unused_parameters: bool = False
     timeout_minutes: int = 30
+    sequence_parallel_size: int = 1  # ranks that share each clip, split by frames (1: off)
+
+    def __post_init__(self):
+        check_sequence_parallel_size(self.sequence_parallel_size, supported=True, name=self.name)
 
     shards_parameters = False  # every rank holds every parameter
     name = "DDP"
@@ -55,8 +74,10 @@ class DeepSpeedZeRO:
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
     allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (stages 1, 2)
     logging_level: str = "WARNING"
+    sequence_parallel_size: int = 1  # only 1 so far (DDP has sequence parallelism)
 
     def __post_init__(self):
+        check_sequence_parallel_size(self.sequence_parallel_size, supported=False, name=self.name)
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3 (got {self.stage})")
         if self.offload_parameters and self.stage != 3:
@@ -103,9 +124,13 @@ class FSDP2:
     reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3-like memory)
     mixed_precision: bool = True  # bf16 compute, fp32 reduction, on a GPU
     timeout_minutes: int = 30
+    sequence_parallel_size: int = 1  # only 1 so far (DDP has sequence parallelism)
 
     shards_parameters = True
     name = "FSDP2"
+
+    def __post_init__(self):
+        check_sequence_parallel_size(self.sequence_parallel_size, supported=False, name=self.name)
 
     def build(self, world_size: int = 2, micro_batch_size: int = 1):
         from lightning.pytorch.strategies import ModelParallelStrategy

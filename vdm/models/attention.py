@@ -91,12 +91,20 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        # x (N, S, D), context (N, L, Dc), context_mask (N, L) bool with True = attend
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, sequence_parallel=None
+    ) -> Tensor:
+        # x (N, S, D), context (N, L, Dc), context_mask (N, L) bool with True = attend.
+        # sequence_parallel (self-attention only): x holds this rank's part of the sequence; q, k, v are exchanged
+        # for all of the sequence and nh / sp of the heads before SDPA, and back after it (vdm/distributed/sequence.py)
         source = x if context is None else context
         q = rearrange(self.to_q(x), "n s (nh hd) -> n nh s hd", nh=self.heads)
         k, v = rearrange(self.to_kv(source), "n l (two nh hd) -> two n nh l hd", two=2, nh=self.heads)
         q, k = self.q_norm(q), self.k_norm(k)
+        if sequence_parallel is not None:
+            if context is not None:
+                raise ValueError("sequence_parallel splits self-attention only; cross-attention stays local")
+            q, k, v = (sequence_parallel.heads_to_frames(a) for a in (q, k, v))  # (N, nh/sp, S*sp, hd)
 
         attn_mask = None
         has_any = None
@@ -112,6 +120,8 @@ class Attention(nn.Module):
         else:
             with sdpa_kernel(self.backends):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if sequence_parallel is not None:
+            out = sequence_parallel.frames_to_heads(out)  # (N, nh, S, hd)
         if has_any is not None:
             out = out * rearrange(has_any, "n -> n 1 1 1").to(out.dtype)
         out = rearrange(out, "n nh s hd -> n s (nh hd)")

@@ -52,6 +52,10 @@ class SpaceTimeBlock(nn.Module):
         self.cross_modulation = cross_modulation
         # selective activation checkpointing: recompute only the attention branches in the backward pass
         self.checkpoint_attention = False
+        # sequence parallelism, set from outside (SpaceTimeDiT.set_sequence_parallel): None, or the FrameSplit of
+        # vdm/distributed/sequence.py when x holds this rank's frames only; then the temporal attention exchanges
+        # its heads for all frames and back, and the other branches, which read one frame at a time, stay local
+        self.sequence_parallel = None
         # No affine parameters: the modulation plays that role.
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.spatial_attn = Attention(dim, heads, qk_norm=qk_norm, backends=attention_backends)
@@ -106,9 +110,12 @@ class SpaceTimeBlock(nn.Module):
             shift_t, scale_t, gate_t = tmod
             h = modulate(self.norm(x), shift_t, scale_t)
             h = rearrange(h, "b t s d -> (b s) t d")
-            # attention is permutation-invariant; the encoding tells the branch the frame order
-            frame_pos = sincos_1d(torch.arange(T, device=x.device), D).to(h.dtype)  # (T, D)
-            h = attend(self.temporal_attn, h + frame_pos)
+            # attention is permutation-invariant; the encoding tells the branch the frame order (global frame
+            # indices: under sequence parallelism this rank's T frames start at the split's offset)
+            split = self.sequence_parallel
+            first = 0 if split is None else split.frame_offset(T)
+            frame_pos = sincos_1d(torch.arange(first, first + T, device=x.device), D).to(h.dtype)  # (T, D)
+            h = attend(self.temporal_attn, h + frame_pos, sequence_parallel=split)
             x = x + gate_t * rearrange(h, "(b s) t d -> b t s d", b=B)
 
         # (3) cross-attention: every token of the clip reads the caption

@@ -192,6 +192,7 @@ class SpaceTimeDiT(nn.Module):
         )
         self.out_channels = 2 * in_channels if learned_sigma else in_channels
         self.final = FinalLayer(width, pt * ph * pw * self.out_channels, modulation=final_modulation)
+        self.sequence_parallel = None  # set_sequence_parallel: None, or this rank's FrameSplit
         self.initialize_weights()
         self.set_grad_checkpointing(grad_checkpointing)
         if compile_blocks:
@@ -247,6 +248,19 @@ class SpaceTimeDiT(nn.Module):
                 enabled and self.grad_checkpointing_scope == "attention" and (self.checkpointed(index))
             )
 
+    def set_sequence_parallel(self, split) -> None:
+        """Split each clip's frames over a group of ranks (vdm/distributed/sequence.py builds `split`; None: off).
+
+        The input and output stay whole clips, the same on every rank of the group: forward keeps this rank's
+        frames after checking the sizes, runs the blocks on them (only the temporal attention communicates) and
+        gathers the output's frames, so callers (objectives, samplers) see the unsplit network. The heads must
+        divide over the group; the patch frames are checked at each call."""
+        if split is not None and self.temporal:
+            split.check("heads", self.heads)
+        self.sequence_parallel = split
+        for block in self.blocks:
+            block.sequence_parallel = split
+
     def checkpointed(self, index: int) -> bool:
         """Whether block `index` is recomputed (whole, or its attention) when grad_checkpointing is on."""
         return index % self.grad_checkpointing_every == 0
@@ -282,6 +296,10 @@ class SpaceTimeDiT(nn.Module):
         # x (B, C, T, H, W), t (B,) in [0, 1] -> (B, C, T, H, W) in x's dtype
         self._check_input(x, t, cond)
         param_dtype = self.patch_embed.proj.weight.dtype
+        split = self.sequence_parallel
+        if split is not None:  # this rank's frames (set_sequence_parallel): whole patches of pt latent frames each
+            x_all = x
+            x = split.local_frames(x, dim=2, frames=x.shape[2] // self.patch_size[0])
         tokens, (nt, nh, nw) = self.patch_embed(x.to(param_dtype))  # (B, t, s, D)
         # the same spatial positions in every frame, so an image model and its video inflation agree
         positions = sincos_2d(
@@ -317,6 +335,8 @@ class SpaceTimeDiT(nn.Module):
                 tokens = block(*args)
 
         out = self.final(tokens, c)  # (B, t, s, pt*ph*pw*out_channels)
+        if split is not None:  # every rank's frames, in order: the whole clip's output
+            out, x = split.gather_frames(out, dim=1), x_all
         pt, ph, pw = self.patch_size
         out = rearrange(
             out,

@@ -29,7 +29,8 @@ class VideoDataModule(L.LightningDataModule):
         self.restored: dict | None = None  # every rank's position, from a checkpoint
 
     def train_dataloader(self):
-        rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        # the data-parallel replicas: the ranks of a sequence-parallel group read the same stream
+        rank, world_size = self.data_layout()
         resume = None
         if self.restored is not None:
             num_workers = max(self.data.num_workers, 1)  # 0: batches made in the training process, as one worker
@@ -41,6 +42,11 @@ class VideoDataModule(L.LightningDataModule):
                 self.report_changes(saved_layout(ranks), (world_size, num_workers))
             self.tracker = StreamTracker(resume)
         return self.data.train_loader(self.seed, rank=rank, world_size=world_size, resume=resume)
+
+    def data_layout(self) -> tuple[int, int]:
+        """(data rank, data world size): a rank's stream and the number of streams (VideoDiffusion.data_rank)."""
+        module = self.trainer.lightning_module
+        return module.data_rank, module.data_world_size
 
     def report_changes(self, saved: tuple[int, int] | None, now: tuple[int, int]) -> None:
         """Say what a changed layout keeps of the stream, and how the global batch changed with it."""
@@ -82,6 +88,7 @@ class VideoDataModule(L.LightningDataModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, state)
+            ranks = ranks[:: self.trainer.lightning_module.sequence_parallel_size]  # one per stream
         return {
             "seed": self.seed,
             "world_size": len(ranks),

@@ -89,7 +89,7 @@ class HeldOutLoss(L.Callback):
             value,
             count,
             " (EMA weights)" if self.ema and pl_module.ema is not None else "",
-            sum(i is not None for i in spread(len(batches), trainer.world_size, trainer.global_rank)),
+            sum(i is not None for i in spread(len(batches), pl_module.data_world_size, pl_module.data_rank)),
             len(batches),
         )
         return value
@@ -97,12 +97,15 @@ class HeldOutLoss(L.Callback):
     def total_loss(self, trainer, pl_module, batches: list, num_clips: int) -> tuple[float, int]:
         """(sum of the per-clip losses, clips): the batches split over the ranks (vdm.training.shares.spread),
         batch i at its own fixed t and noise, so each batch's loss is what one process computes for it; each sum
-        comes from exactly one rank, so adding them up over ranks is exact, and the total adds them in order."""
+        comes from exactly one rank, so adding them up over ranks is exact, and the total adds them in order.
+        Under sequence parallelism the batches go to the data-parallel replicas: every rank of a sequence-parallel
+        group computes the same sums (its forwards are collective), so the reduced sums count each of them
+        sequence_parallel_size times."""
         offsets = [0]
         for batch in batches:
             offsets.append(offsets[-1] + len(batch))
         sums = torch.zeros(len(batches), dtype=torch.float64, device=pl_module.device)
-        for index in spread(len(batches), trainer.world_size, trainer.global_rank):
+        for index in spread(len(batches), pl_module.data_world_size, pl_module.data_rank):
             batch = batches[index if index is not None else 0].to(pl_module.device)  # None: a spare forward
             generator = generator_for(pl_module.device, self.seed, index or 0)
             start = offsets[index or 0]
@@ -111,7 +114,7 @@ class HeldOutLoss(L.Callback):
                 losses, _ = pl_module.losses(batch, generator, t=t)  # the training step's loss, at fixed t
             if index is not None:
                 sums[index] = losses.double().sum()
-        sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu()
+        sums = trainer.strategy.reduce(sums, reduce_op="sum").cpu() / pl_module.sequence_parallel_size
         return sum(sums.tolist()), offsets[-1]
 
 

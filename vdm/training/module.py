@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from vdm.config_check import ConfigError
 from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
+from vdm.distributed.sequence import enable as enable_sequence_parallel
+from vdm.distributed.sequence import sequence_groups
 from vdm.generate import SamplingSettings, generate
 from vdm.models.lora import add_lora
 from vdm.models.param_groups import set_trainable
@@ -84,6 +86,7 @@ class VideoDiffusion(L.LightningModule):
         caption_dropout: float = 0.1,
         parallelize=None,
         ema: EMA | None = None,
+        sequence_parallel_size: int = 1,
     ):
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
@@ -101,6 +104,8 @@ class VideoDiffusion(L.LightningModule):
         self.__dict__["text_encoder"] = text_encoder  # not a submodule: see the class docstring
         self.parallelize = parallelize  # (net, device_mesh) -> net: sharding applied from outside (FSDP2)
         self.ema = ema if ema is not None and ema.enabled else None
+        # ranks that share each clip, split by frames (vdm/distributed/sequence.py); they draw the same t and noise
+        self.sequence_parallel_size = sequence_parallel_size
         self.current_step: StepOutputs | None = None  # the optimizer step under way (or the last one)
         self.empty_caption: TextCond | None = None  # its features, for dropped captions of cached batches
 
@@ -108,6 +113,20 @@ class VideoDiffusion(L.LightningModule):
         mesh = self.device_mesh
         if self.parallelize is not None and mesh is not None:
             self.parallelize(self.net, mesh)
+        if self.sequence_parallel_size > 1 and self.net.sequence_parallel is None:  # every rank makes the groups
+            group = sequence_groups(self.trainer.world_size, self.sequence_parallel_size)
+            enable_sequence_parallel(self.net, group)
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the data-parallel replicas: the ranks of a sequence-parallel group share it
+        (the same clips, the same t, noise and dropped captions)."""
+        return self.global_rank // self.sequence_parallel_size
+
+    @property
+    def data_world_size(self) -> int:
+        """How many data-parallel replicas there are: the world size over sequence_parallel_size."""
+        return self.trainer.world_size // self.sequence_parallel_size
 
     def on_fit_start(self) -> None:
         check_backend = getattr(self.net, "check_attention_backend", None)
@@ -161,7 +180,7 @@ class VideoDiffusion(L.LightningModule):
 
     def training_step(self, batch: VideoBatch, batch_idx: int) -> dict:
         # every random draw of this step comes from (seed, rank, step): resumed runs draw the same
-        generator, caption_generator = step_generators(self.device, self.seed, self.global_rank, self.global_step)
+        generator, caption_generator = step_generators(self.device, self.seed, self.data_rank, self.global_step)
         captions = self.drop_captions(batch.captions, caption_generator)
         losses, t = self.losses(batch, generator, captions)  # (B,), (B,)
         loss = losses.mean()

@@ -122,19 +122,22 @@ def fit(parts: Parts, name: str, run_root: Path, stop_requests: StopRequests) ->
         caption_dropout=settings.caption_dropout,
         parallelize=parts.strategy.parallelize,
         ema=parts.ema,
+        sequence_parallel_size=parts.strategy.sequence_parallel_size,
     )
     strategy = parts.strategy.build(settings.world_size(), data.batch_size)
     prepare_resume(resume_from, settings.world_size(), strategy)  # on another number of processes: if it can
     logger = parts.logger.build(run_dir.path, name, config) if is_rank_zero else None
     trainer = settings.build(callbacks.all, logger, strategy=strategy)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")
+    sequence_parallel = parts.strategy.sequence_parallel_size
     log.info(
-        "model: %.2fM parameters; global batch %d = %d clips x %d accumulated x %d processes",
+        "model: %.2fM parameters; global batch %d = %d clips x %d accumulated x %d processes%s",
         sum(p.numel() for p in parts.net.parameters()) / 1e6,
-        check_global_batch(settings, data),
+        check_global_batch(settings, data, sequence_parallel),
         data.batch_size,
         settings.accumulate_grad_batches,
-        settings.world_size(),
+        settings.world_size() // sequence_parallel,
+        f" (x {sequence_parallel} sharing each clip, split by frames)" if sequence_parallel > 1 else "",
     )
     # a resumed run continues the data stream where its checkpoint stood (the position is in it)
     datamodule = VideoDataModule(data, seed=config["seed"])

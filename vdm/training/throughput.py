@@ -214,7 +214,9 @@ class TrainMetrics(L.Callback):
         )
         dtype = torch.float32 if device.type == "mps" else torch.float64  # FLOPs exceed float32's exact integers
         counts = torch.cat([torch.tensor([self.clips, self.tokens, self.flops], dtype=dtype), buckets.cpu().to(dtype)])
-        counts = strategy.reduce(counts.to(device), reduce_op="sum").cpu()
+        # the ranks of a sequence-parallel group share their clips, each doing 1 / sp of their work: count them once
+        sharing = getattr(pl_module, "sequence_parallel_size", 1)
+        counts = strategy.reduce(counts.to(device), reduce_op="sum").cpu() / sharing
         clips, tokens, flops = counts[:3].tolist()
         sums, samples = counts[3 : 3 + NUM_BUCKETS].tolist(), counts[3 + NUM_BUCKETS :].tolist()
 
