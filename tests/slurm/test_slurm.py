@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cluster import FINAL_STATES, SlurmCluster, require_slurm
 
-from tests.runs import checkpoint_steps, train_losses, train_steps
+from tests.runs import checkpoint_steps, run_train, succeeded, train_env, train_losses, train_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "train.sbatch"
@@ -195,3 +195,22 @@ def test_plain_scancel_checkpoints_and_ends_the_job(cluster, tmp_path):
         assert "requeued SLURM job" not in output
     finally:
         cluster.kill(job)  # a job that requeued itself would otherwise run on
+
+
+def test_sequence_parallel_across_the_two_nodes_completes_with_the_losses_of_one_process(cluster, tmp_path):
+    # one clip split by frames over n1 and n2 (strategy.sequence_parallel_size=2): one data rank, so the job
+    # trains on what one process alone would, and must log its losses
+    steps = 4
+    log = tmp_path / "job.out"
+    overrides = [f"run_root={tmp_path}", f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=0"]
+    job = submit(cluster, log, "name=split", "strategy.sequence_parallel_size=2", *overrides)
+    cluster.wait(job, timeout=240)
+    output = read(log)
+    assert cluster.state(job) == "COMPLETED", f"{cluster.state(job)}\n{output[-4000:]}\n{cluster.logs()}"
+    for rank in (0, 1):
+        assert f"sequence parallelism: rank {rank} is {rank} of 2 in its group" in output
+    succeeded(run_train("name=alone", "trainer.devices=1", *TINY, *overrides, env=train_env(OMP_NUM_THREADS="1")))
+    split, one = train_losses(tmp_path / "split"), train_losses(tmp_path / "alone")
+    assert sorted(split) == sorted(one) == list(range(1, steps + 1))
+    for step, loss in one.items():
+        assert split[step] == pytest.approx(loss, rel=1e-4), step
