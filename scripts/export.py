@@ -7,7 +7,8 @@ CHECKPOINT is what train.py writes under runs/<name>/checkpoints/, in any layout
 (one process, DDP), a DeepSpeed ZeRO directory (stage 1, 2, 3; DeepSpeed consolidates it, so it is needed to
 export, not to read the result) or a torch distributed checkpoint directory (FSDP2). vdm/checkpoints.py knows
 the layouts, how each is read (torch.load with weights_only=True; nothing is unpickled that vdm did not write)
-and which names are the network's and its EMA's (exported as `ema.<name>`).
+and which names are the network's and its EMA's (exported as `ema.<name>`, whole: a ZeRO-3 or FSDP2 run keeps
+its EMA as each rank's shard, and the shards are joined here, in this one process).
 
 A LoRA run (optim.lora_rank > 0) exports as the plain network, each adapter merged into the weight it adapts
 (W + alpha / r * B A); `--adapters DIR` also writes the adapters alone in peft's layout (adapter_model.safetensors

@@ -111,8 +111,6 @@ def test_xl_preset_is_about_700m_parameters():
         (["init_parity_check=maybe"], "init_parity_check"),
         (["resume=/nonexistent.ckpt"], "resume"),
         (["text=t5_xxl"], "text.path: a value is required"),
-        (["strategy=fsdp2"], "ema.enabled: an EMA is not supported with FSDP2"),  # the settings say they shard
-        (["strategy=deepspeed_zero3"], "ema.enabled: an EMA is not supported with DeepSpeed ZeRO-3"),
         (
             ["data.buckets=[{frames: 8, height: 32, width: 32, batch_sise: 4}]"],
             r"data: buckets\[0\]: unknown key 'batch_sise'",
@@ -135,6 +133,13 @@ def test_xl_preset_is_about_700m_parameters():
 def test_bad_config_is_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         train.assemble(compose_config(*overrides))
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_an_ema_is_kept_where_the_parameters_are_sharded(strategy):
+    # each rank keeps the EMA of its own shard (vdm.distributed.shards; tests/distributed/test_strategies.py)
+    parts = train.assemble(compose_config(f"strategy={strategy}"))
+    assert parts.strategy.shards_parameters and parts.ema.enabled
 
 
 def test_unknown_command_line_key_is_refused_by_name():

@@ -17,7 +17,10 @@ The network's names lose the wrappers' prefixes (Lightning's `_forward_module.`,
 `module.`, then `net.`; torch.compile's `_orig_mod.` and activation checkpointing's wrappers anywhere).
 Its EMA comes from the checkpoint's top-level "ema" entry (VideoDiffusion.on_save_checkpoint's
 {"weights": ..., "num_updates": n}), else an "ema_state_dict" entry, else state-dict keys `ema.<name>` (an EMA
-registered as a submodule, AveragedModel's names included); it must cover exactly the network's names.
+registered as a submodule, AveragedModel's names included); it must cover exactly the network's names. A
+sharded run's EMA (vdm.distributed.shards) comes whole too: ZeRO-3's from every rank's model-states file, each
+holding that rank's partitions, joined; FSDP2's is `state_dict.ema.net.<name>` in the distributed checkpoint,
+reassembled with the network.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from vdm.distributed.shards import ZERO3, assemble_zero3
 from vdm.models import SpaceTimeDiT
 from vdm.models.lora import adapted_layers, adapter_files, lora_scales, merged
 from vdm.models.weights import model_kwargs, read_weights_file, save_weights
@@ -155,20 +159,59 @@ def read_deepspeed(layout: Layout) -> Checkpoint:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = layout.path / layout.tag
+    if not any(folder.glob("*_optim_states.pt")):
+        raise CheckpointError(f"{folder}: no *_optim_states.pt: not a ZeRO checkpoint (zero_to_fp32 needs them)")
+    client, weights_only = deepspeed_client_state(layout)
+    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 reports its progress on stdout
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(layout.path), tag=layout.tag)
+    read = f"zero_to_fp32; client state with torch.load(weights_only={weights_only})"
+    if zero3_ema_layout(client):
+        ema, read = zero3_ema(folder, client), read + "; the EMA joined from every rank's ZeRO-3 partitions"
+    else:
+        ema = ema_entry(client)
+    return Checkpoint(layout, state_dict, ema, client.get("global_step"), read)
+
+
+def deepspeed_client_state(layout: Layout) -> tuple[dict, bool]:
+    """(client state, read with weights_only) of a DeepSpeed checkpoint: rank 0's model-states file carries it
+    (Lightning's loops, callbacks... and the EMA entry)."""
+    folder = layout.path / layout.tag
     model_files = sorted(folder.glob("*_model_states.pt"))
     if not model_files:
         raise CheckpointError(f"{folder}: no *_model_states.pt: not a DeepSpeed checkpoint")
-    if not any(folder.glob("*_optim_states.pt")):
-        raise CheckpointError(f"{folder}: no *_optim_states.pt: not a ZeRO checkpoint (zero_to_fp32 needs them)")
-    # rank 0's model-states file carries the client state (Lightning's loops, callbacks... and the EMA entry)
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     first = next((folder / name for name in names if (folder / name).is_file()), model_files[0])
     client, weights_only = torch_load(first)
-    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 reports its progress on stdout
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(layout.path), tag=layout.tag)
-    client = client if isinstance(client, dict) else {}
-    read = f"zero_to_fp32; client state with torch.load(weights_only={weights_only})"
-    return Checkpoint(layout, state_dict, ema_entry(client), client.get("global_step"), read)
+    return (client if isinstance(client, dict) else {}), weights_only
+
+
+def zero3_ema_layout(client: dict) -> dict | None:
+    """The layout of a ZeRO-3 run's EMA (vdm.distributed.shards), whose entry in each rank's model-states file
+    holds that rank's partitions; None for any other checkpoint."""
+    entry = client.get("ema")
+    shards = entry.get("shards") if isinstance(entry, dict) else None
+    return shards if isinstance(shards, dict) and shards.get("kind") == ZERO3 else None
+
+
+def zero3_ema(folder: Path, client: dict) -> dict[str, Tensor]:
+    """A ZeRO-3 run's whole EMA: each parameter's partitions, from every rank's model-states file, joined."""
+    shards = zero3_ema_layout(client)
+    parts = []
+    for rank in range(shards["world_size"]):
+        files = sorted(folder.glob(f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(
+                f"{folder}: no zero_pp_rank_{rank}_mp_rank_*_model_states.pt, which holds rank {rank}'s part of the "
+                f"EMA (partitioned over {shards['world_size']} ranks)"
+            )
+        entry = torch_load(files[0])[0].get("ema")
+        if not isinstance(entry, dict) or not isinstance(entry.get("weights"), dict):
+            raise CheckpointError(f"{files[0]}: no EMA partitions in its 'ema' entry")
+        parts.append(entry["weights"])
+    try:
+        return {name: assemble_zero3([p[name] for p in parts], shape) for name, shape in shards["shapes"].items()}
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{folder}: the ranks' EMA partitions do not fit together: {error}") from error
 
 
 def read_distributed(layout: Layout) -> Checkpoint:
@@ -198,6 +241,8 @@ def read_distributed(layout: Layout) -> Checkpoint:
 def ema_entry(container: dict) -> dict | None:
     """The EMA weights a checkpoint's top level holds: vdm's {"ema": {"weights": ...}} or an "ema_state_dict"."""
     vdm_ema = container.get("ema")
+    if isinstance(vdm_ema, dict) and "shards" in vdm_ema:
+        return None  # sharded: ZeRO-3's partitions are joined by zero3_ema, FSDP2's are state_dict.ema.* tensors
     if isinstance(vdm_ema, dict) and isinstance(vdm_ema.get("weights"), dict):
         return vdm_ema["weights"]
     return container.get(EMA_ENTRY)

@@ -72,15 +72,6 @@ def check_sampler(sampling, objective) -> None:
         )
 
 
-def check_ema_strategy(ema, strategy) -> None:
-    """The EMA is a full float32 copy of the weights on every rank: only where every rank holds all of them."""
-    if ema.enabled and strategy.shards_parameters:
-        raise ConfigError(
-            f"ema.enabled: an EMA is not supported with {strategy.name}, which shards the parameters "
-            "(a full EMA copy per rank would undo the sharding); use ema.enabled=false, or ZeRO-2/DDP"
-        )
-
-
 def check_global_batch(settings, data, sequence_parallel_size: int = 1) -> int:
     """Clips per optimizer step over all ranks (of data.batch_size: the first video bucket's); checked for every
     video bucket (every bucket, if all are images) against trainer.global_batch_size when that is set. The ranks
@@ -142,7 +133,6 @@ def check_parts(parts) -> None:
     """Every cross-section check, on the built parts of a run (train.py's Parts)."""
     check_compatible(parts.net, parts.autoencoder, parts.data)
     check_cache(parts)
-    check_ema_strategy(parts.ema, parts.strategy)
     check_sampler(parts.sampling, parts.objective)
     check_sequence_parallel(parts)
     check_global_batch(parts.trainer, parts.data, parts.strategy.sequence_parallel_size)

@@ -1,10 +1,11 @@
 """A run saved by 2 processes resumed with 1, and back: real CPU processes (gloo) through train.py.
 
-DDP checkpoints are whole; FSDP2 checkpoints are re-sharded by torch.distributed.checkpoint; a ZeRO-2
-checkpoint is refused, naming DeepSpeed's conversion command, until its universal copy is written, and then
-loads from it. Weights and optimizer states carry over: the three continue with the same losses step by
-step (a fresh optimizer would not). The data stream is re-derived for the new layout; its promise (every
-sample of a pass begun once) is held by tests/data/test_reshard.py.
+DDP checkpoints are whole; FSDP2 checkpoints are re-sharded by torch.distributed.checkpoint, the EMA's shards
+with the weights; a ZeRO-2 checkpoint is refused, naming DeepSpeed's conversion command, until its universal
+copy is written, and then loads from it. Weights, optimizer states and the EMA carry over: the three continue
+with the same losses step by step (a fresh optimizer would not), FSDP2 with DDP's EMA. The data stream is
+re-derived for the new layout; its promise (every sample of a pass begun once) is held by
+tests/data/test_reshard.py. (A ZeRO-3 EMA is refused on another number of processes: test_strategies.py.)
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from tests import runs
 from tests.distributed.test_strategies import CPU_ZERO, ROOT, TINY
 from tests.runs import run_train, train_losses
+from vdm.checkpoints import network_weights, read_checkpoint
 
 pytestmark = pytest.mark.slow
 
 STRATEGIES = {"ddp": ["strategy=ddp"], "fsdp2": ["strategy=fsdp2"], "zero2": ["strategy=deepspeed_zero2", CPU_ZERO]}
 ARGS = [a for a in TINY if not a.startswith(("trainer.devices=", "data.eval_clips="))]
-ARGS += ["data.eval_shards=null", "ema.enabled=false"]  # no held-out loss; FSDP2 takes no EMA
+ARGS += ["data.eval_shards=null"]  # no held-out loss
 if (ROOT / "conf" / "evaluation" / "none.yaml").exists():  # no sampled-quality evaluation at the end either
     ARGS += ["evaluation=none"]
 CHANGED = "data stream: the checkpoint was written by 2 processes x 1 loader workers, this run has 1 x 1"
@@ -41,6 +43,11 @@ def succeeded(result: subprocess.CompletedProcess) -> str:
 
 def output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
+
+
+def ema_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    read = read_checkpoint(checkpoint)
+    return network_weights(read.state_dict, read.ema_entry).ema
 
 
 def adam_steps(checkpoint: Path) -> set[int]:
@@ -77,6 +84,10 @@ def test_fsdp2_resumes_on_fewer_then_more_processes_like_ddp(ddp, tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+    # the EMA's shards were re-cut 2 -> 1 -> 2 with the weights: its whole value is still DDP's
+    ema = {run: ema_of(run / "checkpoints" / "step-000000006.ckpt") for run in (ddp, tmp_path / "fsdp2")}
+    for name, average in ema[ddp].items():
+        torch.testing.assert_close(ema[tmp_path / "fsdp2"][name], average, rtol=0, atol=2e-6, msg=name)
 
 
 def test_zero2_is_refused_until_converted_to_a_universal_checkpoint_then_resumes_like_ddp(ddp, tmp_path):

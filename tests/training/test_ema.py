@@ -1,4 +1,4 @@
-"""The EMA of the weights, against its closed form: decay and warm-up, update_every, start_step, swap-in."""
+"""The EMA of the weights, against its closed form: decay and warm-up, update_every, start_step, swap-in, resume."""
 
 from __future__ import annotations
 
@@ -75,12 +75,17 @@ def test_swapped_in_puts_the_average_in_place_and_restores_the_weights_bit_for_b
             p.add_(1.0)
     ema.step(net.named_parameters(), 2)  # average = weights - 0.5
     trained = {name: p.detach().clone() for name, p in net.named_parameters()}
-    with ema.swapped_in(net) as swapped:
-        assert swapped is net
+    copies = []  # the values in place each time the swap says it wrote them (a strategy's gathered copies renew)
+    with ema.swapped_in(dict(net.named_parameters()), written=lambda: copies.append(net[0].bias.detach().clone())):
         for name, p in net.named_parameters():
             assert torch.allclose(p, before[name] + 0.5)
     for name, p in net.named_parameters():
         assert torch.equal(p, trained[name])
+    assert (
+        len(copies) == 2
+        and torch.allclose(copies[0], before["0.bias"] + 0.5)
+        and torch.equal(copies[1], trained["0.bias"])
+    )
 
 
 def test_state_round_trips_in_float32_whatever_the_weights_dtype():
@@ -91,6 +96,19 @@ def test_state_round_trips_in_float32_whatever_the_weights_dtype():
     restored = EMA(decay=0.5, warmup=False)
     restored.load_state_dict(ema.state_dict())
     assert restored.num_updates == ema.num_updates and torch.equal(restored.weights["weight"], ema.weights["weight"])
+
+
+def test_a_checkpoints_ema_must_fit_the_tensors_it_averages():
+    # a sharded run resumed with its shards cut another way, or another model: refused by name, not broadcast
+    ema = EMA(decay=0.5, warmup=False)
+    ema.step({"w": torch.ones(4), "b": torch.ones(2)}, 1)
+    with pytest.raises(ValueError, match=r"w is \(4,\) there, \(2,\) here"):
+        EMA().load_state_dict(ema.state_dict(), like={"w": torch.zeros(2), "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match="missing c; unexpected b"):
+        EMA().load_state_dict(ema.state_dict(), like={"w": torch.zeros(4), "c": torch.zeros(2)})
+    restored = EMA()
+    restored.load_state_dict(ema.state_dict(), like={"w": torch.zeros(4), "b": torch.zeros(2, dtype=torch.bfloat16)})
+    assert restored.weights["b"].dtype == torch.float32 and torch.equal(restored.weights["w"], torch.ones(4))
 
 
 @pytest.mark.parametrize("settings", [{"decay": 1.0}, {"update_every": 0}, {"start_step": -1}])

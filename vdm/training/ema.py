@@ -7,15 +7,19 @@ not dominated by the random initialization.
 
 The EMA is kept in float32 whatever the weights' dtype (DeepSpeed casts the module to bf16; a bf16
 average would lose every update smaller than its 8-bit mantissa can hold at decay 0.9999).
+
+It averages, and is swapped into, whatever tensors it is given by name: the parameters where every rank holds
+them, each rank's own shard of them under ZeRO-3 and FSDP2 (vdm.distributed.shards). A sharded EMA is then
+kept per rank, 4 bytes x parameters / world size, and updated without any communication.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class EMA:
@@ -52,8 +56,12 @@ class EMA:
         return min(self.decay, (1 + num_updates) / (10 + num_updates))
 
     @torch.no_grad()
-    def step(self, named_parameters: Iterable[tuple[str, Tensor]], step: int, applied: Tensor | None = None) -> bool:
+    def step(
+        self, tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], step: int, applied: Tensor | None = None
+    ) -> bool:
         """Called after optimizer step `step` (1-based) was applied; returns whether the EMA may have changed.
+
+        `tensors`: {name: tensor} (or (name, tensor) pairs) to average: the parameters, or this rank's shards.
 
         `applied`: where the optimizer skips non-finite steps on the device, a bool tensor saying whether this
         step was applied; the average then moves by zero on a skipped step, decided on the device, not the host
@@ -61,7 +69,7 @@ class EMA:
         """
         if not self.enabled or step < self.start_step:
             return False
-        named = list(named_parameters)
+        named = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
         if not self.weights:  # the first update: a copy (of unchanged weights, if this step was skipped)
             self.weights = {name: p.detach().float().clone() for name, p in named}
             return True
@@ -79,8 +87,26 @@ class EMA:
     def state_dict(self) -> dict:
         return {"weights": self.weights, "num_updates": self.num_updates}
 
-    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
-        self.weights = {name: w.to(device=device, dtype=torch.float32) for name, w in state["weights"].items()}
+    def load_state_dict(
+        self, state: dict, device: torch.device | None = None, like: Mapping[str, Tensor] | None = None
+    ) -> None:
+        """`like`: the tensors this EMA averages; the loaded weights must have their names and shapes, and go to
+        their devices (a checkpoint of another model, or sharded another way, is refused by name)."""
+        weights = state["weights"]
+        if like is not None and weights:
+            problems = [f"missing {name}" for name in sorted(set(like) - set(weights))]
+            problems += [f"unexpected {name}" for name in sorted(set(weights) - set(like))]
+            problems += [
+                f"{name} is {tuple(weights[name].shape)} there, {tuple(tensor.shape)} here"
+                for name, tensor in like.items()
+                if name in weights and weights[name].shape != tensor.shape
+            ]
+            if problems:
+                raise ValueError(f"the checkpoint's EMA does not fit this run's parameters: {'; '.join(problems[:3])}")
+        self.weights = {
+            name: w.to(device=like[name].device if like is not None else device, dtype=torch.float32)
+            for name, w in weights.items()
+        }
         self.num_updates = int(state["num_updates"])
 
     def to(self, device: torch.device) -> EMA:
@@ -88,26 +114,31 @@ class EMA:
         return self
 
     @contextmanager
-    def swapped_in(self, net: nn.Module) -> Iterator[nn.Module]:
-        """`net` with the EMA weights in place of its own for the duration (sampling, evaluation).
+    def swapped_in(self, tensors: Mapping[str, Tensor], written: Callable[[], None] | None = None) -> Iterator[None]:
+        """The EMA weights copied into `tensors` (what `step` averages) for the duration, then the tensors' own
+        values back (sampling, evaluation). `written` is called after each of the two copies: a sharding strategy
+        may hold gathered copies of the parameters to drop (vdm.distributed.shards.shards_written).
 
-        Without EMA weights yet (EMA off, or before start_step) the net is used as it is.
+        Without EMA weights yet (EMA off, or before start_step) nothing is copied.
         """
         if not self.weights:
-            yield net
+            yield
             return
-        params = dict(net.named_parameters())
         backup = {}
         with torch.no_grad():
             for name, average in self.weights.items():
-                backup[name] = params[name].detach().clone()
-                params[name].copy_(average)
+                backup[name] = tensors[name].clone()
+                tensors[name].copy_(average)
+        if written is not None:
+            written()
         try:
-            yield net
+            yield
         finally:
             with torch.no_grad():
                 for name, saved in backup.items():
-                    params[name].copy_(saved)
+                    tensors[name].copy_(saved)
+            if written is not None:
+                written()
 
     def __repr__(self) -> str:
         return (

@@ -13,6 +13,7 @@ from vdm.config_check import ConfigError
 from vdm.distributed.parallel import full_value, skipped_steps, steps_inside_engine
 from vdm.distributed.sequence import enable as enable_sequence_parallel
 from vdm.distributed.sequence import sequence_groups
+from vdm.distributed.shards import load_sharded, local_shards, save_sharded, shards_written
 from vdm.generate import SamplingSettings, generate
 from vdm.models.lora import add_lora
 from vdm.models.param_groups import set_trainable
@@ -22,6 +23,7 @@ from vdm.training.optim import AdamW
 from vdm.types import TextCond, VideoBatch, with_rows
 
 CAPTION_STREAM = 1  # the caption-dropout draws' own stream, apart from the device's (t, noise)
+EMA_KEYS = "ema.net."  # a sharded EMA's keys in a distributed checkpoint's state dict (FSDP2), beside "net."
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
@@ -236,15 +238,19 @@ class VideoDiffusion(L.LightningModule):
         if self.ema is not None and step.applied is not False:
             # a device tensor: the EMA moves by zero where the step was skipped
             applied = None if step.applied is True else step.applied
-            self.ema.step(self.net.named_parameters(), self.global_step, applied=applied)
+            # this rank's shard of each parameter (all of it unless ZeRO-3 or FSDP2 shard it): no communication
+            self.ema.step(local_shards(self.net), self.global_step, applied=applied)
         step.finished = True  # the next micro-batch starts a new step's keys and vote
 
     @contextmanager
     def eval_weights(self, ema: bool = True):
-        """The network to sample and evaluate with: its EMA weights when it has them and `ema`, else its own."""
+        """The network to sample and evaluate with: its EMA weights when it has them and `ema`, else its own.
+
+        Under ZeRO-3 and FSDP2 each rank copies its EMA shard into its shard of the parameters: every forward
+        then gathers the EMA weights as it gathers the trained ones (every rank must be inside)."""
         if ema and self.ema is not None:
-            with self.ema.swapped_in(self.net) as net:
-                yield net
+            with self.ema.swapped_in(local_shards(self.net), written=lambda: shards_written(self.net)):
+                yield self.net
         else:
             yield self.net
 
@@ -278,15 +284,17 @@ class VideoDiffusion(L.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+        if self.ema is not None:  # each rank's shards where the parameters are sharded (vdm.distributed.shards)
+            checkpoint["ema"] = save_sharded(self.ema.state_dict(), self.net, checkpoint, EMA_KEYS)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is None:
             return
         if "ema" not in checkpoint:
             raise ValueError("the checkpoint has no EMA weights but this run keeps an EMA (ema.enabled=false to go on)")
-        self.ema.load_state_dict(checkpoint["ema"])
+        path = getattr(self._trainer, "ckpt_path", None)  # FSDP2 reads its EMA shards from the checkpoint itself
+        state = load_sharded(checkpoint["ema"], self.net, path, EMA_KEYS, what="EMA")
+        self.ema.load_state_dict(state, like=local_shards(self.net))
 
     def configure_optimizers(self):
         # built after the strategy moved the network: the optimizer sees where the parameters are (fused on a GPU)

@@ -6,7 +6,9 @@
 - A DeepSpeed ZeRO directory holds each rank's partition of the optimizer states (stage 3: of the
   parameters too), which DeepSpeed cannot re-partition. DeepSpeed's universal checkpoint can be: once
   `ds_to_universal` has written a universal copy into the checkpoint directory, the run loads that copy
-  (DeepSpeed's `checkpoint.load_universal`); until then the run stops here, naming the command.
+  (DeepSpeed's `checkpoint.load_universal`); until then the run stops here, naming the command. A ZeRO-3
+  run's EMA is kept as each rank's partitions beside DeepSpeed's state, which the universal copy does not
+  carry: with an EMA the run stops here too, naming the ways on.
 
 The data stream is re-derived for the new layout by the data module (vdm.data.reshard).
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from vdm.checkpoints import CheckpointError, checkpoint_layout
+from vdm.checkpoints import CheckpointError, checkpoint_layout, deepspeed_client_state, zero3_ema_layout
 from vdm.config_check import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,10 @@ log = logging.getLogger(__name__)
 UNIVERSAL = "universal"  # the universal copy's folder in a DeepSpeed checkpoint directory
 
 
-def prepare_resume(checkpoint: Path | None, world_size: int, strategy) -> None:
+def prepare_resume(checkpoint: Path | None, world_size: int, strategy, ema: bool = False) -> None:
     """Stop with the way out if `checkpoint` cannot be loaded by `world_size` processes; else make `strategy`
-    load it (a DeepSpeed checkpoint's universal copy, when the number of processes changed)."""
+    load it (a DeepSpeed checkpoint's universal copy, when the number of processes changed). `ema`: the run keeps
+    an EMA, which a ZeRO-3 checkpoint holds as each rank's partitions (vdm.distributed.shards)."""
     if checkpoint is None:
         return
     try:
@@ -41,6 +44,13 @@ def prepare_resume(checkpoint: Path | None, world_size: int, strategy) -> None:
         return  # torch.distributed.checkpoint re-shards it
     if not isinstance(getattr(strategy, "config", None), dict):
         raise ConfigError(f"resume: {checkpoint} is a DeepSpeed checkpoint; resume it with a DeepSpeed strategy")
+    if ema and zero3_ema_layout(deepspeed_client_state(layout)[0]):
+        raise ConfigError(
+            f"resume: {checkpoint} holds an EMA partitioned by ZeRO-3 over {writers} processes (each rank's file "
+            f"its part), which is not re-cut for {world_size}: resume with {writers} processes; or start a new run "
+            f"from its weights and EMA (init_from={checkpoint} init_ema=true: the EMA is joined from the parts), "
+            "or drop the EMA (ema.enabled=false)"
+        )
     if not (checkpoint / "latest_universal").is_file():
         raise ConfigError(
             f"resume: {checkpoint} is a DeepSpeed ZeRO checkpoint written by {writers} processes and this run has "

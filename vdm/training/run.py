@@ -125,7 +125,8 @@ def fit(parts: Parts, name: str, run_root: Path, stop_requests: StopRequests) ->
         sequence_parallel_size=parts.strategy.sequence_parallel_size,
     )
     strategy = parts.strategy.build(settings.world_size(), data.batch_size)
-    prepare_resume(resume_from, settings.world_size(), strategy)  # on another number of processes: if it can
+    # on another number of processes: if it can
+    prepare_resume(resume_from, settings.world_size(), strategy, ema=parts.ema is not None and parts.ema.enabled)
     logger = parts.logger.build(run_dir.path, name, config) if is_rank_zero else None
     trainer = settings.build(callbacks.all, logger, strategy=strategy)
     log.info("run directory %s; %s", run_dir.path, f"resuming from {resume_from}" if resume_from else "new run")

@@ -18,7 +18,7 @@ class ShardingReport(L.Callback):
     """What each rank holds after the first optimizer step: parameter and optimizer-state elements.
 
     Written to sharding/rank-<r>.json in the run directory and logged: under DDP every rank holds
-    everything; ZeRO 1/2 split the optimizer states, ZeRO-3 and FSDP2 the parameters too.
+    everything; ZeRO 1/2 split the optimizer states, ZeRO-3 and FSDP2 the parameters too (and the EMA with them).
     """
 
     def __init__(self, run_dir: RunDir):
@@ -43,16 +43,19 @@ class ShardingReport(L.Callback):
                 for value in state.values()
                 if isinstance(value, torch.Tensor) and value.dim() > 0
             ),
+            # float32 elements of this rank's EMA: its shard of every parameter (0 without an EMA)
+            "ema_local": sum(w.numel() for w in pl_module.ema.weights.values()) if pl_module.ema is not None else 0,
         }
         folder = self.run_dir.path / "sharding"
         folder.mkdir(exist_ok=True)
         (folder / f"rank-{trainer.global_rank}.json").write_text(json.dumps(report, indent=1) + "\n")
         log.info(
-            "rank %d holds %d of %d parameters (%d trainable) and %d optimizer-state elements (%s)",
+            "rank %d holds %d of %d parameters (%d trainable), %d optimizer-state and %d EMA elements (%s)",
             report["rank"],
             report["parameters_local"],
             report["parameters_total"],
             report["parameters_trainable"],
             report["optimizer_state_local"],
+            report["ema_local"],
             report["strategy"],
         )
