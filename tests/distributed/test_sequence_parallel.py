@@ -144,7 +144,7 @@ def test_the_global_batch_counts_the_clips_once_per_sequence_parallel_group():
 
 RUN = [
     *("logger=none", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.progress_bar=false"),
-    *("trainer.eval_every_n_steps=0", "trainer.checkpoint_every_n_steps=0", "trainer.max_steps=3"),
+    *("trainer.eval_every_n_steps=0", "trainer.max_steps=3"),
     *("data.batch_size=2", "data.num_workers=0", "data.eval_clips=4", "sampling.prompts=[]", "evaluation=none"),
     "optim.warmup_steps=0",  # the weights move from the first step
 ]
@@ -159,7 +159,11 @@ def metrics(run: Path) -> dict[int, dict[str, float]]:
 @pytest.mark.slow
 def test_train_py_split_over_two_processes_logs_the_losses_of_one(tmp_path):
     env = train_env(OMP_NUM_THREADS="1")
-    layouts = {"one": ["trainer.devices=1"], "sp": ["trainer.devices=2", f"{SP}=2"]}
+    # the split run also checkpoints at step 2, to be resumed from there below
+    layouts = {
+        "one": ["trainer.devices=1", "trainer.checkpoint_every_n_steps=0"],
+        "sp": ["trainer.devices=2", f"{SP}=2", "trainer.checkpoint_every_n_steps=2"],
+    }
 
     def run(name: str):
         return succeeded(run_train(f"run_root={tmp_path}", f"name={name}", *RUN, *layouts[name], env=env, timeout=300))
@@ -176,3 +180,9 @@ def test_train_py_split_over_two_processes_logs_the_losses_of_one(tmp_path):
         assert one[step].keys() == split[step].keys()
         for key, value in one[step].items():
             assert split[step][key] == pytest.approx(value, rel=1e-4), (step, key)
+    # resumed from its step-2 checkpoint, the split run's last step is the uninterrupted one's, exactly
+    step_2 = tmp_path / "sp" / "checkpoints" / "step-000000002.ckpt"
+    resumed = [f"run_root={tmp_path}", "name=resumed", f"resume={step_2}", *RUN, *layouts["sp"]]
+    succeeded(run_train(*resumed, env=env, timeout=300))
+    again = metrics(tmp_path / "resumed")
+    assert again[3]["train/loss"] == split[3]["train/loss"] and again[3]["grad_norm"] == split[3]["grad_norm"]
