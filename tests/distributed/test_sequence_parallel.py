@@ -14,6 +14,7 @@ losses of 1 process, step by step; and the sizes and strategies that cannot be s
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +111,7 @@ def test_two_ranks_split_by_frames_give_the_unsplit_loss_gradients_and_weights(t
 
 
 SP = "strategy.sequence_parallel_size"
+CPU_ZERO = "strategy._target_=tests.distributed.cpu_deepspeed.CPUDeepSpeedZeRO"  # DeepSpeed on CPU processes
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -121,8 +123,6 @@ def compose_config(*overrides: str):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["strategy=fsdp2", f"{SP}=2"], "sequence_parallel_size=2 is not supported with FSDP2 yet"),
-        (["strategy=deepspeed_zero2", f"{SP}=2"], "not supported with DeepSpeed ZeRO-2 yet"),
         ([f"{SP}=0"], "sequence_parallel_size must be an int >= 1"),
         (["trainer.devices=3", f"{SP}=2", "evaluation=none"], "world size 3 .* is not divisible by 2"),
         (["trainer.devices=4", f"{SP}=4", "model.heads=2", "evaluation=none"], "model.heads=2 is not divisible by 4"),
@@ -163,6 +163,15 @@ def test_train_py_split_over_two_processes_logs_the_losses_of_one(tmp_path):
     layouts = {
         "one": ["trainer.devices=1", "trainer.checkpoint_every_n_steps=0"],
         "sp": ["trainer.devices=2", f"{SP}=2", "trainer.checkpoint_every_n_steps=2"],
+        # the split under sharded weights: FSDP2, and DeepSpeed ZeRO-2 (on CPU through the tests' strategy)
+        "fsdp2": ["trainer.devices=2", f"{SP}=2", "strategy=fsdp2", "trainer.checkpoint_every_n_steps=0"],
+        "zero2": [
+            "trainer.devices=2",
+            f"{SP}=2",
+            "strategy=deepspeed_zero2",
+            CPU_ZERO,
+            "trainer.checkpoint_every_n_steps=0",
+        ],
     }
 
     def run(name: str):
@@ -171,15 +180,19 @@ def test_train_py_split_over_two_processes_logs_the_losses_of_one(tmp_path):
     with ThreadPoolExecutor(2) as pool:  # side by side: most of each run's time is starting up
         output = {name: result.stdout + result.stderr for name, result in zip(layouts, pool.map(run, layouts))}
     # the split did happen (two unsplit replicas of the same clips would log the same losses too)
-    for rank in (0, 1):
-        assert f"sequence parallelism: rank {rank} is {rank} of 2 in its group" in output["sp"]
+    for rank, name in itertools.product((0, 1), ("sp", "fsdp2", "zero2")):
+        assert f"sequence parallelism: rank {rank} is {rank} of 2 in its group" in output[name], name
     assert "sequence parallelism" not in output["one"]
-    one, split = metrics(tmp_path / "one"), metrics(tmp_path / "sp")
-    assert sorted(one) == sorted(split) == [0, 1, 2, 3] and "val/loss" in one[0] and "val/loss" in one[3]
-    for step in one:
-        assert one[step].keys() == split[step].keys()
-        for key, value in one[step].items():
-            assert split[step][key] == pytest.approx(value, rel=1e-4), (step, key)
+    one = metrics(tmp_path / "one")
+    assert sorted(one) == [0, 1, 2, 3] and "val/loss" in one[0] and "val/loss" in one[3]
+    for name in ("sp", "fsdp2", "zero2"):
+        split = metrics(tmp_path / name)
+        assert sorted(split) == sorted(one), name
+        for step in one:
+            assert one[step].keys() == split[step].keys(), (name, step)
+            for key, value in one[step].items():
+                assert split[step][key] == pytest.approx(value, rel=1e-4), (name, step, key)
+    split = metrics(tmp_path / "sp")
     # resumed from its step-2 checkpoint, the split run's last step is the uninterrupted one's, exactly
     step_2 = tmp_path / "sp" / "checkpoints" / "step-000000002.ckpt"
     resumed = [f"run_root={tmp_path}", "name=resumed", f"resume={step_2}", *RUN, *layouts["sp"]]

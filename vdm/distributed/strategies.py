@@ -15,14 +15,12 @@ import torch
 from torch import nn
 
 
-def check_sequence_parallel_size(size: object, supported: bool, name: str) -> None:
+def check_sequence_parallel_size(size: object) -> None:
+    """Sequence parallelism works under every strategy here: each rank of a group computes the whole clip's loss
+    (vdm/distributed/sequence.py), so the gradient mean over all ranks that DDP, ZeRO and FSDP2 each take is the
+    unsplit gradient, however the weights are sharded."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"sequence_parallel_size must be an int >= 1 (got {size!r})")
-    if size > 1 and not supported:
-        raise ValueError(
-            f"sequence_parallel_size={size} is not supported with {name} yet (only with strategy=ddp); "
-            "set strategy.sequence_parallel_size=1"
-        )
 
 
 @dataclass
@@ -41,7 +39,7 @@ class DDP:
     sequence_parallel_size: int = 1  # ranks that share each clip, split by frames (1: off)
 
     def __post_init__(self):
-        check_sequence_parallel_size(self.sequence_parallel_size, supported=True, name=self.name)
+        check_sequence_parallel_size(self.sequence_parallel_size)
 
     shards_parameters = False  # every rank holds every parameter
     name = "DDP"
@@ -74,10 +72,10 @@ class DeepSpeedZeRO:
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduction
     allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather (stages 1, 2)
     logging_level: str = "WARNING"
-    sequence_parallel_size: int = 1  # only 1 so far (DDP has sequence parallelism)
+    sequence_parallel_size: int = 1  # ranks that share each clip, split by frames (1: off)
 
     def __post_init__(self):
-        check_sequence_parallel_size(self.sequence_parallel_size, supported=False, name=self.name)
+        check_sequence_parallel_size(self.sequence_parallel_size)
         if self.stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3 (got {self.stage})")
         if self.offload_parameters and self.stage != 3:
@@ -124,13 +122,13 @@ class FSDP2:
     reshard_after_forward: bool = True  # free gathered block weights after forward (ZeRO-3-like memory)
     mixed_precision: bool = True  # bf16 compute, fp32 reduction, on a GPU
     timeout_minutes: int = 30
-    sequence_parallel_size: int = 1  # only 1 so far (DDP has sequence parallelism)
+    sequence_parallel_size: int = 1  # ranks that share each clip, split by frames (1: off)
 
     shards_parameters = True
     name = "FSDP2"
 
     def __post_init__(self):
-        check_sequence_parallel_size(self.sequence_parallel_size, supported=False, name=self.name)
+        check_sequence_parallel_size(self.sequence_parallel_size)
 
     def build(self, world_size: int = 2, micro_batch_size: int = 1):
         from lightning.pytorch.strategies import ModelParallelStrategy
