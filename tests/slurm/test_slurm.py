@@ -12,6 +12,7 @@ job: vdm chooses one per process. Needs root and the Slurm packages; skipped wit
 
 from __future__ import annotations
 
+import csv
 import sys
 import time
 from pathlib import Path
@@ -197,20 +198,30 @@ def test_plain_scancel_checkpoints_and_ends_the_job(cluster, tmp_path):
         cluster.kill(job)  # a job that requeued itself would otherwise run on
 
 
-def test_sequence_parallel_across_the_two_nodes_completes_with_the_losses_of_one_process(cluster, tmp_path):
-    # one clip split by frames over n1 and n2 (strategy.sequence_parallel_size=2): one data rank, so the job
-    # trains on what one process alone would, and must log its losses
+def test_sequence_parallel_with_fsdp2_across_the_two_nodes_gives_the_losses_and_ema_of_one_process(cluster, tmp_path):
+    # one clip split by frames over n1 and n2 (strategy.sequence_parallel_size=2), the weights and their EMA sharded
+    # over them (FSDP2): one data rank, so the job trains on what one process alone would, and must log its losses,
+    # and with its sharded EMA the held-out losses of that process's whole EMA
     steps = 4
     log = tmp_path / "job.out"
     overrides = [f"run_root={tmp_path}", f"trainer.max_steps={steps}", "trainer.checkpoint_every_n_steps=0"]
-    job = submit(cluster, log, "name=split", "strategy.sequence_parallel_size=2", *overrides)
+    overrides += ["trainer.eval_every_n_steps=2"]  # the held-out loss, with the EMA weights
+    job = submit(cluster, log, "name=split", "strategy=fsdp2", "strategy.sequence_parallel_size=2", *overrides)
     cluster.wait(job, timeout=240)
     output = read(log)
     assert cluster.state(job) == "COMPLETED", f"{cluster.state(job)}\n{output[-4000:]}\n{cluster.logs()}"
     for rank in (0, 1):
         assert f"sequence parallelism: rank {rank} is {rank} of 2 in its group" in output
+    assert "(EMA weights)" in output
     succeeded(run_train("name=alone", "trainer.devices=1", *TINY, *overrides, env=train_env(OMP_NUM_THREADS="1")))
     split, one = train_losses(tmp_path / "split"), train_losses(tmp_path / "alone")
     assert sorted(split) == sorted(one) == list(range(1, steps + 1))
     for step, loss in one.items():
         assert split[step] == pytest.approx(loss, rel=1e-4), step
+    held_out = [held_out_losses(tmp_path / name) for name in ("split", "alone")]
+    assert len(held_out[1]) == 3 and held_out[0] == pytest.approx(held_out[1], rel=1e-4)
+
+
+def held_out_losses(run: Path) -> list[float]:
+    with open(run / "metrics.csv", newline="") as file:
+        return [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
