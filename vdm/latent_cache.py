@@ -203,8 +203,8 @@ class Precompute:
                     for chunk in videos.split(self.batch_size)
                 ]
             )
-            for n, i in enumerate(encoded.split([len(pending[i][2]) for i in members])):
-                latents[members[n]] = i
+            for index, views in zip(members, encoded.split([len(pending[i][2]) for i in members])):
+                latents[index] = views  # (V, c, t, h, w)
         for index, (sample, bucket, clips) in enumerate(pending):
             key = sample["__key__"].replace("/", "_").replace(".", "_")  # a shard key has neither
             row = TextCond(text.tokens[index], text.mask[index], text.pooled[index])
